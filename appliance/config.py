@@ -1,0 +1,369 @@
+"""The appliance's configuration: one TOML file read into frozen, typed objects.
+
+The heart of the file is the two interfaces: which addresses are
+``outside``, which are ``inside``, and which client networks count as
+inside.  Every listening role (DNS, SMTP, submission, POP3 and their TLS
+forms) then says on which sides and which port it listens.  Every problem in
+the file is reported at once, each naming file, key and reason; a key that is
+not declared here is an error.  Relative paths are taken from the config
+file's directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.schema import Problem, Problems, Table
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+SIDES = ("outside", "inside")
+
+#: Listening roles, their transport and whether the socket speaks TLS from the first byte.
+ROLES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "dns": (("udp", "tcp"), False),
+    "smtp": (("tcp",), False),
+    "submission": (("tcp",), False),
+    "smtps": (("tcp",), True),
+    "pop3": (("tcp",), False),
+    "pop3s": (("tcp",), True),
+}
+
+DEFAULT_PATH = "/etc/appliance/appliance.toml"
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+class ConfigError(Exception):
+    """The configuration has problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the box: its own addresses and, for the inside, the client networks behind it."""
+
+    name: str
+    addresses: tuple[str, ...]
+    networks: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening socket: a role on one side's address."""
+
+    role: str
+    side: str
+    address: str
+    port: int
+    transport: str
+    implicit_tls: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}/{self.side}"
+
+    def describe(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.name} {self.transport} {host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path
+    key: Path
+    self_signed: bool
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ZoneConfig:
+    """A zone this box is primary for, in one view."""
+
+    name: str
+    file: Path
+    allow_transfer: tuple[Network, ...] = ()
+    also_notify: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """A DNS view, bound to the listeners of the side it is named after."""
+
+    side: str
+    zones: tuple[ZoneConfig, ...]
+    allow_query: tuple[Network, ...]
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    views: tuple[ViewConfig, ...]
+    edns_buffer_size: int = 1232
+
+    def view(self, side: str) -> ViewConfig | None:
+        for view in self.views:
+            if view.side == side:
+                return view
+        return None
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    """Receiving, accepting as local and relaying are separate settings (seed 000)."""
+
+    hostnames: tuple[str, ...]
+    local_domains: tuple[str, ...]
+    relay_domains: tuple[str, ...]
+    aliases: Path | None
+    spool: Path
+    mail_root: Path
+    max_message_size: int
+    max_recipients: int
+    extension_separators: str
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    backend: str
+    users: Path
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    allow_plaintext_inside: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path
+    hostname: str
+    state_dir: Path
+    outside: Side
+    inside: Side
+    listeners: tuple[Listener, ...]
+    tls: TLSConfig
+    dns: DNSConfig
+    mail: MailConfig
+    directory: DirectoryConfig
+    pop3: POP3Config
+    extra: dict[str, object] = field(default_factory=dict, compare=False)
+
+    def side(self, name: str) -> Side:
+        return self.outside if name == "outside" else self.inside
+
+    def is_inside_client(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self.inside.networks)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the configuration file; raise ConfigError listing every problem."""
+    config, problems = _read(Path(path))
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def check(path: str | Path) -> list[Problem]:
+    """Every problem in the configuration file (an empty list when it is valid)."""
+    return _read(Path(path))[1]
+
+
+def _read(path: Path) -> tuple[Config | None, list[Problem]]:
+    problems = Problems(str(path))
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        problems.add("", f"cannot read the file: {e.strerror or e}")
+        return None, problems.items
+    except tomllib.TOMLDecodeError as e:
+        problems.add("", f"not valid TOML: {e}")
+        return None, problems.items
+    top = Table(data, "", problems, path.parent.resolve())
+    config = _build(path, top, problems)
+    top.done()
+    return (config if not problems.items else None), problems.items
+
+
+def _hostname(table: Table, key: str, value: str) -> str:
+    lowered = value.lower().rstrip(".")
+    if value and not _HOSTNAME.match(lowered):
+        table.error(key, f"{value!r} is not a valid host or domain name")
+    return lowered
+
+
+def _hostnames(table: Table, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    values = table.strings(key, default)
+    return tuple(_hostname(table, f"{key}[{i}]", v) for i, v in enumerate(values))
+
+
+def _build(path: Path, top: Table, problems: Problems) -> Config:
+    main = top.table("appliance", required=True)
+    hostname = _hostname(main, "hostname", main.string("hostname"))
+    state_dir = main.path("state_dir", "/var/lib/appliance")
+    main.done()
+
+    interfaces = top.table("interfaces", required=True)
+    sides = {}
+    for name in SIDES:
+        t = interfaces.table(name, required=True)
+        addresses = t.addresses("addresses")
+        if not addresses and t.has("addresses"):
+            t.error("addresses", "must list at least one address")
+        networks = t.networks("networks", ()) if name == "inside" else ()
+        sides[name] = Side(name, addresses, networks)
+        t.done()
+    interfaces.done()
+
+    listeners = _listeners(top.table("listeners", required=True), sides)
+
+    tls_t = top.table("tls")
+    tls = TLSConfig(
+        certificate=tls_t.path("certificate", str(state_dir / "tls" / "certificate.pem")),
+        key=tls_t.path("key", str(state_dir / "tls" / "key.pem")),
+        self_signed=tls_t.boolean("self_signed", False),
+        names=_hostnames(tls_t, "names", (hostname,)),
+    )
+    if any(lst.implicit_tls or lst.role in ("smtp", "submission", "pop3") for lst in listeners):
+        for key, p in (("certificate", tls.certificate), ("key", tls.key)):
+            if not tls.self_signed and not p.exists():
+                tls_t.error(key, f"{p} does not exist (and tls.self_signed is false)")
+    tls_t.done()
+
+    dns = _dns(top.table("dns"), sides)
+    mail = _mail(top.table("mail"), hostname, state_dir)
+    directory_t = top.table("directory")
+    directory = DirectoryConfig(
+        backend=directory_t.string("backend", "file", choices=("file",)),
+        users=directory_t.path("users", "users", must_exist=True),
+    )
+    directory_t.done()
+    pop3_t = top.table("pop3")
+    pop3 = POP3Config(allow_plaintext_inside=pop3_t.boolean("allow_plaintext_inside", False))
+    pop3_t.done()
+
+    return Config(
+        path=path,
+        hostname=hostname,
+        state_dir=state_dir,
+        outside=sides["outside"],
+        inside=sides["inside"],
+        listeners=listeners,
+        tls=tls,
+        dns=dns,
+        mail=mail,
+        directory=directory,
+        pop3=pop3,
+    )
+
+
+def _listeners(table: Table, sides: dict[str, Side]) -> tuple[Listener, ...]:
+    out: list[Listener] = []
+    taken: dict[tuple[str, str, int], str] = {}
+    for role, t in table.subtables():
+        if role not in ROLES:
+            table.error(role, f"unknown listener role (known: {', '.join(ROLES)})")
+            continue
+        transports, implicit_tls = ROLES[role]
+        listen_sides = t.strings("sides")
+        port = t.port("port")
+        t.done()
+        for index, side in enumerate(listen_sides):
+            if side not in SIDES:
+                t.error(f"sides[{index}]", f"must be outside or inside, not {side!r}")
+                continue
+            for address in sides[side].addresses:
+                for transport in transports:
+                    slot = (transport, address, port)
+                    if slot in taken:
+                        t.error(
+                            "port", f"{transport} {address}:{port} is already used by {taken[slot]}"
+                        )
+                        continue
+                    taken[slot] = f"{role}/{side}"
+                    out.append(Listener(role, side, address, port, transport, implicit_tls))
+    return tuple(out)
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """``address`` or ``address:port`` (``[v6]:port``) -> (address, port), port 53 by default."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = int(rest.removeprefix(":"))
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = int(p)
+    if not 0 < port < 65536:
+        raise ValueError("port out of range")
+    return str(ipaddress.ip_address(host)), port
+
+
+def _dns(table: Table, sides: dict[str, Side]) -> DNSConfig:
+    views = []
+    for side in SIDES:
+        if not table.has(side):
+            continue
+        t = table.table(side)
+        zones = []
+        names: set[str] = set()
+        for z in t.tables("zones"):
+            name = _hostname(z, "name", z.string("name"))
+            if name in names:
+                z.error("name", f"zone {name} is listed twice in this view")
+            names.add(name)
+            zones.append(
+                ZoneConfig(
+                    name=name,
+                    file=z.path("file", must_exist=True),
+                    allow_transfer=z.networks("allow_transfer", ()),
+                    also_notify=z.each("also_notify", (), _endpoint, "an address or address:port"),
+                )
+            )
+            z.done()
+        # BIND answers anyone by default; the inside view answers its own networks and this host.
+        default_query: tuple[str, ...] = ()
+        if side == "inside":
+            default_query = (*(str(n) for n in sides["inside"].networks), "127.0.0.0/8", "::1/128")
+        views.append(ViewConfig(side, tuple(zones), t.networks("allow_query", default_query)))
+        t.done()
+    buffer = table.integer("edns_buffer_size", 1232, 512, 4096)
+    table.done()
+    return DNSConfig(tuple(views), buffer)
+
+
+def _mail(table: Table, hostname: str, state_dir: Path) -> MailConfig:
+    local = _hostnames(table, "local_domains", ())
+    relay = _hostnames(table, "relay_domains", ())
+    for domain in set(local) & set(relay):
+        table.error("relay_domains", f"{domain} is also a local domain")
+    aliases = table.path("aliases", "", must_exist=True) if table.has("aliases") else None
+    separators = table.string("extension_separators", "+-")
+    if any(c.isalnum() or c in "@." for c in separators):
+        table.error("extension_separators", "must not contain letters, digits, '@' or '.'")
+    config = MailConfig(
+        hostnames=_hostnames(table, "hostnames", (hostname,)),
+        local_domains=local,
+        relay_domains=relay,
+        aliases=aliases,
+        spool=table.path("spool", str(state_dir / "spool")),
+        mail_root=table.path("mail_root", str(state_dir / "mail")),
+        max_message_size=table.integer("max_message_size", 25 * 1024 * 1024, 1024, 2**31),
+        max_recipients=table.integer("max_recipients", 100, 1, 100000),
+        extension_separators=separators,
+    )
+    table.done()
+    return config

@@ -1,0 +1,1 @@
+"""Mail: the SMTP server, relay policy, the durable queue and local delivery."""
