@@ -10,6 +10,14 @@ from appliance.config import Config
 
 #: Further checks run on a valid configuration: each returns (errors, warnings).
 Check = Callable[[Config], tuple[list[str], list[str]]]
+
+
+def _registered() -> list[Check]:
+    from appliance.dns.checks import check_zones
+
+    return [check_zones]
+
+
 CHECKS: list[Check] = []
 
 
@@ -21,7 +29,7 @@ def check_all(path: Path) -> tuple[list[str], list[str]]:
     config = config_module.load(path)
     errors: list[str] = []
     warnings: list[str] = []
-    for check in CHECKS:
+    for check in [*_registered(), *CHECKS]:
         e, w = check(config)
         errors.extend(e)
         warnings.extend(w)

@@ -8,7 +8,24 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
-Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+Registrar = Callable[[Any], None]
 
-REGISTRARS: list[Registrar] = []
+#: Where the Debian package keeps the users file (etc/appliance.toml names it).
+DEFAULT_USERS = "/etc/appliance/users"
+
+
+def _users(subparsers: Any) -> None:
+    from appliance.directory.filedb import register_user_commands
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "user", help="manage the users file (add, passwd, del, list, show)"
+    )
+    register_user_commands(
+        parser.add_subparsers(dest="user_command", metavar="ACTION", required=True),
+        default_users_path=DEFAULT_USERS,
+    )
+
+
+REGISTRARS: list[Registrar] = [_users]

@@ -176,3 +176,33 @@ class ApplianceService(OrderedMultiService):
                     )
         log.info("configuration reloaded from {path}", path=str(new.path))
         return True
+
+
+class ThreadPoolService(service.Service):
+    """A thread pool of our own for blocking work (fsync, password hashing), started with the tree.
+
+    Kept apart from the reactor's default pool so that a slow disk cannot
+    starve name resolution, and stopped (joined) at shutdown.
+    """
+
+    name = "threads"
+
+    def __init__(self, reactor: Any, size: int = 16) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=2, maxthreads=size, name="appliance-io")
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.pool.start()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self.pool.stop()
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        """Run ``f`` in the pool; the Deferred fires in the reactor thread with its result."""
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)

@@ -20,7 +20,9 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from appliance.config import Config, TLSConfig
 
@@ -125,6 +127,7 @@ def load_server_options(certificate: Path, key: Path) -> ssl.CertificateOptions:
     )
 
 
+@implementer(IOpenSSLContextFactory)
 class TLSService(Service):
     """Holds the server TLS context: made (if allowed) and loaded at start, replaced on reload.
 
@@ -138,13 +141,20 @@ class TLSService(Service):
         self.settings = settings
         self.options: ssl.CertificateOptions | None = None
 
+    def privilegedStartService(self) -> None:
+        # Loaded here, before twistd drops privileges and before implicit-TLS
+        # listeners bind: their TLS factory asks for a context when it is built.
+        Service.privilegedStartService(self)
+        self._load()
+
     def startService(self) -> None:
         Service.startService(self)
+        if self.options is None:
+            self._load()
+
+    def _load(self) -> None:
         if ensure_certificate(
-            self.settings.certificate,
-            self.settings.key,
-            self.settings.names,
-            self.settings.self_signed,
+            self.settings.certificate, self.settings.key, self.settings.names, self.settings.self_signed
         ):
             log.info(
                 "tls: generated a self-signed certificate for {names} in {path}",

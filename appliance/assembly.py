@@ -1,0 +1,116 @@
+"""Construction: from a validated Config to the concrete service tree (no I/O happens here).
+
+Order of the children is the start order: TLS material, directory, mail
+storage (spool recovery), DNS zones, then one ListenerService per configured
+socket.  Each listener is built by the function registered for its role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from appliance.config import Config, Listener
+from appliance.directory.service import DirectoryService
+from appliance.dns.listener import DNSDatagramProtocol, DNSServerCore, DNSStreamFactory
+from appliance.dns.service import DNSService
+from appliance.dns.zone import load_zone
+from appliance.mail.service import MailService
+from appliance.pop3.server import POP3ServerFactory
+from appliance.service import ApplianceService, ListenerService, ThreadPoolService
+from appliance.tls import TLSService
+
+
+class Components:
+    """The long-lived objects listeners are built around, in start order."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.threads = ThreadPoolService(reactor)
+        self.tls = TLSService(config.tls)
+        self.directory = DirectoryService(config, reactor, self.threads.pool)
+        self.mail = MailService(config, reactor, self.directory.directory, self.threads.run)
+        self.dns = DNSService(config.dns, lambda path, origin: load_zone(str(path), origin))
+
+    def services(self) -> tuple[Service, ...]:
+        return (self.threads, self.tls, self.directory, self.mail, self.dns)
+
+
+def _tcp(
+    components: Components, listener: Listener, factory: Factory
+) -> Callable[[], IListeningPort]:
+    reactor = components.reactor
+    if listener.implicit_tls:
+
+        def listen_tls() -> IListeningPort:
+            wrapped = TLSMemoryBIOFactory(components.tls, False, factory)  # type: ignore[arg-type]
+            return reactor.listenTCP(listener.port, wrapped, interface=listener.address)  # type: ignore[no-any-return]
+
+        return listen_tls
+    return lambda: reactor.listenTCP(listener.port, factory, interface=listener.address)
+
+
+def _dns(components: Components, listener: Listener) -> Callable[[], IListeningPort]:
+    view = components.dns.view(listener.side)
+    core = DNSServerCore(view, udp_size=components.config.dns.edns_buffer_size)
+    reactor = components.reactor
+    if listener.transport == "udp":
+        return lambda: reactor.listenUDP(
+            listener.port, DNSDatagramProtocol(core), interface=listener.address
+        )
+    return _tcp(components, listener, DNSStreamFactory(core, reactor))
+
+
+def _smtp(components: Components, listener: Listener) -> Callable[[], IListeningPort]:
+    return _tcp(components, listener, components.mail.smtp_factory(listener, components.tls))
+
+
+def _pop3(components: Components, listener: Listener) -> Callable[[], IListeningPort]:
+    config = components.config
+    factory = POP3ServerFactory(
+        components.directory.directory,
+        str(config.mail.mail_root),
+        config.hostname,
+        components.tls,
+        config.inside.networks,
+        config.pop3.allow_plaintext_inside,
+        listener.implicit_tls,
+        components.reactor,
+        run_io=components.threads.run,
+    )
+    return _tcp(components, listener, factory)
+
+
+LISTENER_BUILDERS: dict[str, Callable[[Components, Listener], Callable[[], IListeningPort]]] = {
+    "dns": _dns,
+    "smtp": _smtp,
+    "submission": _smtp,
+    "smtps": _smtp,
+    "pop3": _pop3,
+    "pop3s": _pop3,
+}
+
+
+def build_service(config: Config, reactor: Any) -> ApplianceService:
+    """The whole tree for ``config``; nothing is bound or read until it is started."""
+    root = ApplianceService(config, reactor)
+    components = Components(config, reactor)
+    for child in components.services():
+        child.setServiceParent(root)
+    for listener in config.listeners:
+        builder = LISTENER_BUILDERS.get(listener.role)
+        if builder is None:
+            continue
+        ListenerService(
+            listener.name + f" {listener.transport}",
+            listener.describe(),
+            builder(components, listener),
+        ).setServiceParent(root)
+    root.components = components  # type: ignore[attr-defined]
+    return root

@@ -1,0 +1,172 @@
+"""A DNS view: the zones one side of the box serves, who may ask, and how a question is answered.
+
+The outside and inside views are separate objects bound to separate
+listeners, so an answer can only come from the view whose socket received the
+query; nothing (zones, cache) is shared between them.  The outside view is
+authoritative only: a name outside its zones is REFUSED and recursion is never
+offered (D-2).  A reload replaces the whole zone table at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
+
+from twisted.logger import Logger
+
+from appliance.dns.rr import CLASS_ANY, CLASS_IN, RR, LookupResult, RCode, RRType, canonical
+from appliance.dns.wire import DEFAULT_UDP_SIZE, Message, error_response, make_response
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = Logger(namespace="appliance.dns")
+
+
+class ServedZone(Protocol):
+    """What a view needs of a zone (appliance.dns.zone.Zone provides it)."""
+
+    @property
+    def origin(self) -> bytes: ...
+
+    @property
+    def soa(self) -> RR: ...
+
+    def lookup(self, qname: bytes, qtype: int) -> LookupResult: ...
+
+    def __iter__(self) -> Iterator[RR]: ...
+
+
+def transfer_records(zone: ServedZone) -> tuple[RR, ...]:
+    """Every record of the zone in AXFR order: the SOA first and last (RFC 5936 2.2)."""
+    return (zone.soa, *(rr for rr in zone if rr.rtype != RRType.SOA), zone.soa)
+
+
+def _parent_names(name: bytes) -> Iterable[bytes]:
+    """``name`` and each of its ancestors down to the root, as canonical wire names."""
+    name = canonical(name)
+    offset = 0
+    while True:
+        yield name[offset:]
+        length = name[offset]
+        if length == 0:
+            return
+        offset += length + 1
+
+
+def _allowed(client: str, networks: tuple[Network, ...]) -> bool:
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+class View:
+    """The responder for one side's DNS listeners."""
+
+    def __init__(
+        self,
+        side: str,
+        zones: Mapping[bytes, ServedZone],
+        *,
+        allow_query: tuple[Network, ...] = (),
+        allow_transfer: Mapping[bytes, tuple[Network, ...]] | None = None,
+        udp_size: int = DEFAULT_UDP_SIZE,
+        minimal_any: bool = False,
+    ) -> None:
+        self.side = side
+        self.allow_query = allow_query
+        self.udp_size = udp_size
+        self.minimal_any = minimal_any
+        self.replace_zones(zones, allow_transfer or {})
+
+    def replace_zones(
+        self, zones: Mapping[bytes, ServedZone], allow_transfer: Mapping[bytes, tuple[Network, ...]]
+    ) -> None:
+        """Swap in a new zone table at once (a reload)."""
+        self.zones = {canonical(origin): zone for origin, zone in zones.items()}
+        self.allow_transfer = {canonical(origin): nets for origin, nets in allow_transfer.items()}
+
+    def find_zone(self, qname: bytes) -> ServedZone | None:
+        """The closest enclosing zone this view is authoritative for."""
+        zones = self.zones
+        for name in _parent_names(qname):
+            zone = zones.get(name)
+            if zone is not None:
+                return zone
+        return None
+
+    def __call__(
+        self, query: Message, client: tuple[str, int], transport: str, local: tuple[str, int]
+    ) -> Message | None:
+        if len(query.question) != 1:
+            return error_response(query, RCode.FORMERR, udp_size=self.udp_size)
+        question = query.question[0]
+        if not _allowed(client[0], self.allow_query):
+            log.debug(
+                "dns/{side}: query from {client} refused by allow_query",
+                side=self.side,
+                client=client[0],
+            )
+            return error_response(query, RCode.REFUSED, udp_size=self.udp_size)
+        if question.qclass not in (CLASS_IN, CLASS_ANY):
+            return error_response(query, RCode.REFUSED, udp_size=self.udp_size)
+        if question.qtype in (RRType.AXFR, RRType.IXFR):
+            return self._transfer(query, client[0], transport)
+        zone = self.find_zone(question.name)
+        if zone is None:
+            return error_response(query, RCode.REFUSED, udp_size=self.udp_size)
+        result = zone.lookup(question.name, question.qtype)
+        if self.minimal_any and question.qtype == RRType.ANY and result.answer:
+            result = _minimal_any(result)
+        return make_response(query, result, udp_size=self.udp_size)
+
+    def _transfer(self, query: Message, client: str, transport: str) -> Message:
+        """AXFR (and IXFR, answered with a full transfer, RFC 1995 4) over TCP to allowed clients only."""
+        question = query.question[0]
+        zone = self.zones.get(canonical(question.name))
+        if transport != "tcp":
+            return error_response(query, RCode.FORMERR, udp_size=self.udp_size)
+        if zone is None:
+            return error_response(query, RCode.NOTAUTH, udp_size=self.udp_size)
+        if not self.allow_transfer.get(canonical(question.name)) or not _allowed(
+            client, self.allow_transfer[canonical(question.name)]
+        ):
+            log.info(
+                "dns/{side}: zone transfer of {zone} to {client} refused",
+                side=self.side,
+                zone=_text(question.name),
+                client=client,
+            )
+            return error_response(query, RCode.REFUSED, udp_size=self.udp_size)
+        records = transfer_records(zone)
+        log.info(
+            "dns/{side}: zone transfer of {zone} to {client}: {count} records",
+            side=self.side,
+            zone=_text(question.name),
+            client=client,
+            count=len(records),
+        )
+        return make_response(
+            query, LookupResult(RCode.NOERROR, True, answer=records), udp_size=self.udp_size
+        )
+
+
+def _minimal_any(result: LookupResult) -> LookupResult:
+    """RFC 8482 4.1: answer ANY with one RRset of the name rather than all of them."""
+    first = result.answer[0]
+    keep = tuple(rr for rr in result.answer if rr.rtype == first.rtype and rr.name == first.name)
+    return LookupResult(result.rcode, result.authoritative, keep, result.authority, ())
+
+
+def _text(name: bytes) -> str:
+    labels = []
+    offset = 0
+    while name[offset]:
+        length = name[offset]
+        labels.append(name[offset + 1 : offset + 1 + length].decode("ascii", "backslashreplace"))
+        offset += length + 1
+    return ".".join(labels) + "."

@@ -1,0 +1,204 @@
+"""Maildir delivery (https://cr.yp.to/proto/maildir.html): no locks, no partial messages (M-4).
+
+A message is written to ``tmp/<name>``, fsynced, hard-linked into
+``new/<name>,S=<size>,W=<crlf size>``, the tmp name is unlinked and ``new/`` is
+fsynced.  A reader therefore never sees a partial message: only complete,
+durable files ever appear in ``new/``.  Messages are stored with LF line ends,
+as the Maildir tools (qmail, Dovecot, mutt) expect; ``S`` is the file size and
+``W`` the size with CRLF line ends (what POP3 LIST reports), Dovecot's
+convention.  The POP3 side converts LF back to CRLF when it sends.
+
+Unique names:
+
+* an ordinary delivery is ``<sec>.M<usec>P<pid>Q<counter>.<host>`` as the
+  spec suggests (pid read at delivery time, so it is right after a fork);
+* a delivery from the queue passes a ``key`` (the queue id) and the message's
+  arrival time and gets ``<sec>.Q<key>.<host>``, the same name on every retry.
+
+Idempotent redelivery: the queue marks a recipient delivered only after the
+Maildir delivery returned, so a crash in between makes the runner deliver
+again.  With a ``key`` the second delivery first looks in ``new/`` then
+``cur/`` (in that order, so a POP3 client moving the file between them cannot
+hide it) for a name starting ``<sec>.Q<key>.`` (host and flags may differ)
+and, when it finds one, writes nothing and returns that name; a leftover
+``tmp/`` file from the crash is simply overwritten.  Because the name does not
+depend on the recipient, several recipients of one message that reach the
+same mailbox (alice@ and alice+news@) store it once.  One window remains: if
+the user downloads *and deletes* the message between the delivery and the
+queue's state update and the box then crashes, the retry delivers it again;
+that is a duplicate, never a loss.  ``thorough=False`` skips the directory
+scans for a first attempt that cannot have happened before (the hard link
+still refuses an identical name).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from twisted.logger import Logger
+
+log = Logger()
+
+_counter = itertools.count(1)
+_KEY_RE = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
+SUBDIRS = ("tmp", "new", "cur")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sanitize_host(hostname: str) -> str:
+    """The host part of a unique name: ``/`` and ``:`` (and our ``,``) escaped as the spec says."""
+    return (
+        hostname.replace("\\", "\\134")
+        .replace("/", "\\057")
+        .replace(":", "\\072")
+        .replace(",", "\\054")
+    ) or "localhost"
+
+
+def mailbox_path(mail_root: Path, relative: str) -> Path:
+    """``mail_root / relative``, refusing absolute paths and ``..`` that would leave the root."""
+    rel = Path(relative)
+    if not relative or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"mailbox path {relative!r} is not inside the mail root")
+    return Path(mail_root) / rel
+
+
+def create_maildir(path: Path, sync: bool = True) -> None:
+    """Create ``path`` with tmp, new and cur (mode 0700) when missing; durable when new."""
+    path = Path(path)
+    created: list[Path] = []
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+            created.append(d)
+        except FileExistsError:
+            pass
+    for sub in SUBDIRS:
+        try:
+            os.mkdir(path / sub, 0o700)
+            created.append(path / sub)
+        except FileExistsError:
+            pass
+    if sync:
+        for d in {c.parent for c in created}:
+            _fsync_dir(d)
+
+
+def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Turn CRLF line ends into LF across chunk boundaries (a lone CR is kept)."""
+    carry = b""
+    for chunk in chunks:
+        buf = carry + chunk
+        if buf.endswith(b"\r"):
+            carry, buf = b"\r", buf[:-1]
+        else:
+            carry = b""
+        if buf:
+            yield buf.replace(b"\r\n", b"\n")
+    if carry:
+        yield carry
+
+
+def find_delivered(maildir: Path, prefix: str) -> str | None:
+    """The name of a message in new/ or cur/ whose name starts with ``prefix``, if any."""
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(maildir / sub) as it:
+                for entry in it:
+                    if entry.name.startswith(prefix):
+                        return f"{sub}/{entry.name}"
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def deliver(
+    maildir: Path,
+    chunks: Iterable[bytes],
+    *,
+    hostname: str,
+    now: float,
+    key: str | None = None,
+    key_time: float | None = None,
+    thorough: bool = True,
+    sync: bool = True,
+) -> str:
+    """Deliver one message (bytes as stored: LF line ends) into ``maildir``.
+
+    Blocking (fsync): call it from a thread.  Returns the message's path
+    relative to the Maildir (``new/<name>``), or the already delivered one when
+    ``key`` says this message was delivered there before.  Raises OSError
+    (ENOSPC, EDQUOT, EIO...) with nothing but a tmp/ file left behind.
+    """
+    maildir = Path(maildir)
+    create_maildir(maildir, sync=sync)
+    host = sanitize_host(hostname)
+    if key is not None:
+        if not _KEY_RE.match(key):
+            raise ValueError(f"bad delivery key {key!r}")
+        prefix = f"{int(key_time if key_time is not None else 0)}.Q{key}."
+        base = prefix + host
+        if thorough:
+            existing = find_delivered(maildir, prefix)
+            if existing is not None:
+                log.info("{path}: already delivered as {name}", path=maildir, name=existing)
+                try:
+                    os.unlink(maildir / "tmp" / base)  # left by a crash after the link
+                except FileNotFoundError:
+                    pass
+                return existing
+    else:
+        usec = int(now * 1_000_000) % 1_000_000
+        base = f"{int(now)}.M{usec}P{os.getpid()}Q{next(_counter)}.{host}"
+    tmp = maildir / "tmp" / base
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    size = lines = 0
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    name = f"{base},S={size},W={size + lines}"
+    target = maildir / "new" / name
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        if key is None:
+            os.unlink(tmp)
+            raise
+        log.info("{path}: already delivered as new/{name}", path=maildir, name=name)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # A file system without hard links: rename is atomic too, it just may replace.
+        os.rename(tmp, target)
+    else:
+        os.unlink(tmp)
+    if tmp.exists():
+        os.unlink(tmp)
+    if sync:
+        _fsync_dir(maildir / "new")
+    return f"new/{name}"

@@ -1,0 +1,581 @@
+"""The durable mail spool: a message is acknowledged only once it is safely on disk (M-5).
+
+On-disk format (one directory per message, qmail's spirit, JSON instead of pickles)::
+
+    <root>/tmp/<qid>/           a message being received, or a message being removed
+                                (``<qid>.del``); everything in tmp/ is deleted at recovery
+    <root>/queue/<qid>/data     the message bytes exactly as the SMTP side wrote them
+                                (Received header first, CRLF line ends, dot-unstuffed)
+    <root>/queue/<qid>/envelope.json
+                                the envelope and the state of every recipient
+    <root>/corrupt/<qid>/       a queue entry recovery could not read: kept for the
+                                operator, never deleted, never delivered
+
+``envelope.json`` is ``{"version": 1, "queue_id", "size", "envelope": {...the
+Envelope fields...}, "recipients": [{"address", "status", "attempts",
+"next_attempt", "last_reply": {"code", "enhanced", "text"} | null,
+"updated_at", "original", "dsn_sent"}, ...]}``.  ``status`` is ``pending``
+(never tried), ``deferred`` (tried, temporary failure, retry at
+``next_attempt``), ``delivered``, ``failed`` (permanent; a DSN is owed until
+``dsn_sent``) or ``expanded`` (an alias whose remote targets were appended as
+new recipients with ``original`` naming it).  The last three are final.
+
+Every step is crash-safe because each state change is one ``rename``:
+
+* commit: write ``tmp/<qid>/data``, fsync it, write ``tmp/<qid>/envelope.json``,
+  fsync it, fsync ``tmp/<qid>``, rename ``tmp/<qid>`` to ``queue/<qid>``,
+  fsync ``queue/``.  Only then does the Deferred fire (and the SMTP side say 250).
+  A crash before the rename leaves a tmp/ leftover that recovery deletes (the
+  client got no 250 and will retry); after it the message is complete.
+* state update: write ``envelope.json.new`` in the message directory, fsync,
+  rename over ``envelope.json``, fsync the directory.  A crash leaves either the
+  old or the new state; a stale ``.new`` is deleted at recovery.
+* removal: rename ``queue/<qid>`` to ``tmp/<qid>.del`` (atomic), fsync ``queue/``,
+  then delete the tree.
+
+Queue ids are 23 upper-case hex digits: 13 of microseconds since the epoch,
+4 of a per-process counter, 6 random, so they sort by arrival and never
+collide between processes or restarts.
+
+Disk I/O that waits for the platter (fsync) runs through an injected
+``blocking`` callable (for example ``partial(deferToThreadPool, reactor,
+pool)``); without one it runs inline, which is what the unit tests use.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from appliance.mail.interfaces import Envelope, Reply
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: Runs a blocking function off the reactor thread and returns its Deferred.
+Blocking = Callable[..., "Deferred[Any]"]
+
+PENDING = "pending"
+DEFERRED = "deferred"
+DELIVERED = "delivered"
+FAILED = "failed"
+EXPANDED = "expanded"
+STATUSES = frozenset({PENDING, DEFERRED, DELIVERED, FAILED, EXPANDED})
+FINAL = frozenset({DELIVERED, FAILED, EXPANDED})
+
+FORMAT_VERSION = 1
+QUEUE_ID_RE = re.compile(r"\A[0-9A-F]{23}\Z")
+ENVELOPE = "envelope.json"
+DATA = "data"
+
+
+class UnknownMessage(KeyError):
+    """No message with that queue id is in the spool."""
+
+
+class CorruptMessage(ValueError):
+    """A queue entry exists but its envelope cannot be read."""
+
+
+def _inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
+    return defer.execute(f, *args)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
+    """Create or truncate ``path``, write all of ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    temp = path.with_name(path.name + ".new")
+    write_file(temp, data, sync=sync)
+    os.replace(temp, path)
+    if sync:
+        fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class RecipientState:
+    """What the queue knows about one recipient of one message."""
+
+    address: str
+    status: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: Reply | None = None
+    updated_at: float = 0.0
+    original: str | None = None
+    dsn_sent: bool = False
+
+    @property
+    def final(self) -> bool:
+        """Delivered, failed or expanded: nothing more will be tried."""
+        return self.status in FINAL
+
+    def to_json(self) -> dict[str, Any]:
+        """The recipient's entry in envelope.json."""
+        d = asdict(self)
+        d["last_reply"] = None if self.last_reply is None else asdict(self.last_reply)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RecipientState:
+        """Read an entry of envelope.json; raises ValueError/KeyError/TypeError when malformed."""
+        reply = d.get("last_reply")
+        status = str(d["status"])
+        if status not in STATUSES:
+            raise ValueError(f"unknown recipient status {status!r}")
+        return cls(
+            address=str(d["address"]),
+            status=status,
+            attempts=int(d.get("attempts", 0)),
+            next_attempt=float(d.get("next_attempt", 0.0)),
+            last_reply=None
+            if reply is None
+            else Reply(int(reply["code"]), str(reply["enhanced"]), str(reply["text"])),
+            updated_at=float(d.get("updated_at", 0.0)),
+            original=None if d.get("original") is None else str(d["original"]),
+            dsn_sent=bool(d.get("dsn_sent", False)),
+        )
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A committed message: its envelope, recipient states and where its bytes are."""
+
+    queue_id: str
+    envelope: Envelope
+    recipients: tuple[RecipientState, ...]
+    size: int
+    data_path: Path
+
+    @property
+    def all_final(self) -> bool:
+        """Whether no recipient needs another attempt."""
+        return all(r.final for r in self.recipients)
+
+    def recipient(self, address: str) -> RecipientState:
+        """The state of one recipient; KeyError when the message has no such recipient."""
+        for r in self.recipients:
+            if r.address == address:
+                return r
+        raise KeyError(address)
+
+    def with_updates(
+        self, updates: Iterable[RecipientState], add: Iterable[RecipientState] = ()
+    ) -> QueuedMessage:
+        """This message with some recipient states replaced and new recipients appended."""
+        by_address = {u.address: u for u in updates}
+        unknown = set(by_address) - {r.address for r in self.recipients}
+        if unknown:
+            raise KeyError(f"{self.queue_id}: no such recipients {sorted(unknown)}")
+        recipients = [by_address.get(r.address, r) for r in self.recipients]
+        seen = {r.address for r in recipients}
+        for r in add:
+            if r.address not in seen:
+                seen.add(r.address)
+                recipients.append(r)
+        return replace(self, recipients=tuple(recipients))
+
+    def to_json(self) -> bytes:
+        """The content of envelope.json."""
+        doc = {
+            "version": FORMAT_VERSION,
+            "queue_id": self.queue_id,
+            "size": self.size,
+            "envelope": _envelope_to_json(self.envelope),
+            "recipients": [r.to_json() for r in self.recipients],
+        }
+        return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+
+
+def _envelope_to_json(envelope: Envelope) -> dict[str, Any]:
+    d = asdict(envelope)
+    d["recipients"] = list(envelope.recipients)
+    return d
+
+
+def _envelope_from_json(d: Mapping[str, Any]) -> Envelope:
+    auth = d.get("authenticated_user")
+    return Envelope(
+        sender=str(d["sender"]),
+        recipients=tuple(str(r) for r in d["recipients"]),
+        client_address=str(d["client_address"]),
+        client_helo=str(d["client_helo"]),
+        listener=str(d["listener"]),
+        protocol=str(d["protocol"]),
+        received_at=float(d["received_at"]),
+        authenticated_user=None if auth is None else str(auth),
+        mail_parameters={str(k): str(v) for k, v in dict(d.get("mail_parameters", {})).items()},
+    )
+
+
+def parse_envelope_file(raw: bytes, queue_id: str, data_path: Path) -> QueuedMessage:
+    """Decode ``envelope.json``; raises CorruptMessage when it is not a valid one."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        if doc.get("version") != FORMAT_VERSION or doc.get("queue_id") != queue_id:
+            raise ValueError("wrong version or queue id")
+        return QueuedMessage(
+            queue_id=queue_id,
+            envelope=_envelope_from_json(doc["envelope"]),
+            recipients=tuple(RecipientState.from_json(r) for r in doc["recipients"]),
+            size=int(doc["size"]),
+            data_path=data_path,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptMessage(f"{queue_id}: unreadable envelope: {e}") from e
+
+
+class _Incoming:
+    """A message being received: bytes go to ``tmp/<qid>/data``, invisible until commit."""
+
+    def __init__(self, spool: Spool, queue_id: str, directory: Path, file: BinaryIO) -> None:
+        self.queue_id = queue_id
+        self._spool = spool
+        self._dir = directory
+        self._file: BinaryIO | None = file
+        self._size = 0
+        self._error: OSError | None = None
+        self._state = "open"  # open -> committing -> committed | aborted
+
+    def write(self, data: bytes) -> None:
+        """Append bytes; a write error is remembered and reported by commit()."""
+        if self._state != "open" or self._error is not None or self._file is None:
+            return
+        try:
+            self._file.write(data)
+            self._size += len(data)
+        except OSError as e:
+            self._error = e
+
+    def commit(self, envelope: Envelope) -> Deferred[str]:
+        """Make the message durable, then fire with its queue id (see the module docstring)."""
+        if self._state != "open":
+            return defer.fail(ValueError(f"{self.queue_id}: commit after {self._state}"))
+        self._state = "committing"
+        try:
+            if self._error is not None:
+                raise self._error
+            message = QueuedMessage(
+                queue_id=self.queue_id,
+                envelope=envelope,
+                recipients=tuple(
+                    RecipientState(address=a, updated_at=envelope.received_at)
+                    for a in dict.fromkeys(envelope.recipients)
+                ),
+                size=self._size,
+                data_path=self._spool.queue_dir / self.queue_id / DATA,
+            )
+            envelope_json = message.to_json()
+        except Exception:
+            self._discard()
+            self._state = "aborted"
+            self._spool._active.discard(self.queue_id)
+            return defer.fail()
+        file, self._file = self._file, None
+        assert file is not None
+        d = self._spool._blocking(self._commit_blocking, file, envelope_json)
+
+        def done(_: None) -> str:
+            self._state = "committed"
+            self._spool._active.discard(self.queue_id)
+            self._spool._committed(self.queue_id)
+            return self.queue_id
+
+        def failed(f: Any) -> Any:
+            self._state = "aborted"
+            self._spool._active.discard(self.queue_id)
+            log.error("{qid}: commit failed: {err}", qid=self.queue_id, err=f.value)
+            return f
+
+        d.addCallbacks(done, failed)
+        return d
+
+    def _commit_blocking(self, file: BinaryIO, envelope_json: bytes) -> None:
+        sync = self._spool.sync
+        final = self._spool.queue_dir / self.queue_id
+        renamed = False
+        try:
+            try:
+                file.flush()
+                if sync:
+                    os.fsync(file.fileno())
+            finally:
+                file.close()
+            write_file(self._dir / ENVELOPE, envelope_json, sync=sync)
+            if sync:
+                fsync_dir(self._dir)
+            os.rename(self._dir, final)
+            renamed = True
+            if sync:
+                fsync_dir(self._spool.queue_dir)
+        except BaseException:
+            # The client will be told 452: nothing of this message may stay behind.
+            shutil.rmtree(final if renamed else self._dir, ignore_errors=True)
+            raise
+
+    def abort(self) -> None:
+        """Discard the message; harmless after commit started or a second time."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._discard()
+        self._spool._active.discard(self.queue_id)
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class Spool:
+    """The queue directory: implements MessageStore for the SMTP side, and the runner's view.
+
+    ``clock`` supplies the time for queue ids; ``blocking`` runs fsync-bound work
+    off the reactor (inline when None); ``sync=False`` skips fsync (tests only).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        clock: IReactorTime,
+        *,
+        blocking: Blocking | None = None,
+        sync: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.queue_dir = self.root / "queue"
+        self.corrupt_dir = self.root / "corrupt"
+        self.clock = clock
+        self.now: Callable[[], float] = clock.seconds  # type: ignore[misc]
+        self.sync = sync
+        self._blocking: Blocking = blocking if blocking is not None else _inline
+        self._counter = secrets.randbelow(0x10000)
+        self._locks: dict[str, defer.DeferredLock] = {}
+        self._listeners: list[Callable[[str], object]] = []
+        # Messages of this process in tmp/ (being received or committed): recover() spares them.
+        self._active: set[str] = set()
+
+    # -- identity -----------------------------------------------------------
+
+    def new_queue_id(self) -> str:
+        """A fresh id: microseconds, counter and randomness, upper-case hex, sortable."""
+        usec = int(self.now() * 1_000_000) & ((1 << 52) - 1)
+        self._counter = (self._counter + 1) & 0xFFFF
+        return f"{usec:013X}{self._counter:04X}{secrets.randbits(24):06X}"
+
+    @staticmethod
+    def valid_queue_id(queue_id: str) -> bool:
+        """Whether a string has the form of a queue id (checked before it becomes a path)."""
+        return bool(QUEUE_ID_RE.match(queue_id))
+
+    # -- receiving (MessageStore) -------------------------------------------
+
+    def begin(self) -> _Incoming:
+        """Start a message in tmp/; raises OSError when the spool is unusable."""
+        self._make_dirs()
+        for _ in range(5):
+            queue_id = self.new_queue_id()
+            directory = self.tmp_dir / queue_id
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                continue
+            try:
+                file = open(directory / DATA, "xb")
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            self._active.add(queue_id)
+            return _Incoming(self, queue_id, directory, file)
+        raise OSError(errno.EEXIST, "could not allocate a unique queue id")
+
+    def add_commit_listener(self, listener: Callable[[str], object]) -> None:
+        """Call ``listener(queue_id)`` after each message becomes durable (the runner's notify)."""
+        self._listeners.append(listener)
+
+    def _committed(self, queue_id: str) -> None:
+        log.info("{qid}: queued", qid=queue_id)
+        for listener in self._listeners:
+            try:
+                listener(queue_id)
+            except Exception:
+                log.failure("{qid}: commit listener failed", qid=queue_id)
+
+    def _make_dirs(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.tmp_dir, self.queue_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+
+    # -- recovery and listing -------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Clean up after a crash (tmp/ leftovers, half-written state) and list the queue.
+
+        Meant for start-up, before the listeners accept mail; messages this Spool
+        object is receiving or removing right now are left alone all the same.
+        """
+        self._make_dirs()
+        for entry in os.scandir(self.tmp_dir):
+            base = entry.name.removesuffix(".del")
+            if base in self._active or base in self._locks:
+                continue
+            log.info("recovery: removing unfinished {name}", name=entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        good = []
+        for queue_id in self.messages():
+            directory = self.queue_dir / queue_id
+            stale = directory / (ENVELOPE + ".new")
+            if stale.exists():
+                stale.unlink()
+            try:
+                self.load(queue_id)
+            except (CorruptMessage, OSError) as e:
+                log.error(
+                    "recovery: {qid} is unreadable ({err}); moved to corrupt/", qid=queue_id, err=e
+                )
+                self.corrupt_dir.mkdir(mode=0o700, exist_ok=True)
+                os.rename(directory, self.corrupt_dir / queue_id)
+                continue
+            good.append(queue_id)
+        if self.sync:
+            fsync_dir(self.tmp_dir)
+            fsync_dir(self.queue_dir)
+        return good
+
+    def messages(self) -> list[str]:
+        """Queue ids of every committed message, oldest first."""
+        try:
+            names = os.listdir(self.queue_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if QUEUE_ID_RE.match(n))
+
+    def load(self, queue_id: str) -> QueuedMessage:
+        """Read one message's envelope and state (small: done inline)."""
+        directory = self._message_dir(queue_id)
+        try:
+            raw = (directory / ENVELOPE).read_bytes()
+        except FileNotFoundError:
+            if directory.is_dir():
+                raise CorruptMessage(f"{queue_id}: no envelope") from None
+            raise UnknownMessage(queue_id) from None
+        return parse_envelope_file(raw, queue_id, directory / DATA)
+
+    def open_data(self, queue_id: str) -> BinaryIO:
+        """The message bytes, for reading."""
+        return open(self._message_dir(queue_id) / DATA, "rb")
+
+    def _message_dir(self, queue_id: str) -> Path:
+        if not QUEUE_ID_RE.match(queue_id):
+            raise UnknownMessage(queue_id)
+        return self.queue_dir / queue_id
+
+    # -- state changes ----------------------------------------------------------
+
+    def _lock(self, queue_id: str) -> defer.DeferredLock:
+        lock = self._locks.get(queue_id)
+        if lock is None:
+            lock = self._locks[queue_id] = defer.DeferredLock()
+        return lock
+
+    def _release(self, queue_id: str, lock: defer.DeferredLock) -> None:
+        lock.release()
+        if not lock.locked and not lock.waiting and self._locks.get(queue_id) is lock:
+            del self._locks[queue_id]
+
+    def _locked(self, queue_id: str, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        lock = self._lock(queue_id)
+        d: Deferred[T] = lock.acquire().addCallback(lambda _: self._blocking(f, *args))
+
+        def release(result: Any) -> Any:
+            self._release(queue_id, lock)
+            return result
+
+        d.addBoth(release)
+        return d
+
+    def update_recipients(
+        self,
+        queue_id: str,
+        updates: Iterable[RecipientState],
+        add: Iterable[RecipientState] = (),
+    ) -> Deferred[QueuedMessage]:
+        """Atomically replace the states of some recipients and append new ones.
+
+        Recipients in ``add`` whose address the message already has are dropped,
+        so an alias expanding twice to the same remote address delivers once.
+        Fires with the new state.
+        """
+        return self._locked(queue_id, self._update_blocking, queue_id, list(updates), list(add))
+
+    def update_recipient(self, queue_id: str, state: RecipientState) -> Deferred[QueuedMessage]:
+        """Atomically replace the state of one recipient."""
+        return self.update_recipients(queue_id, [state])
+
+    def _update_blocking(
+        self, queue_id: str, updates: list[RecipientState], add: list[RecipientState]
+    ) -> QueuedMessage:
+        message = self.load(queue_id).with_updates(updates, add)
+        write_atomic(message.data_path.with_name(ENVELOPE), message.to_json(), sync=self.sync)
+        return message
+
+    def remove(self, queue_id: str, force: bool = False) -> Deferred[None]:
+        """Delete a message whose recipients are all final (any message with ``force``)."""
+        return self._locked(queue_id, self._remove_blocking, queue_id, force)
+
+    def _remove_blocking(self, queue_id: str, force: bool) -> None:
+        if not force and not self.load(queue_id).all_final:
+            raise ValueError(f"{queue_id}: recipients still pending")
+        directory = self._message_dir(queue_id)
+        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        grave = self.tmp_dir / (queue_id + ".del")
+        try:
+            os.rename(directory, grave)
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        if self.sync:
+            fsync_dir(self.queue_dir)
+        shutil.rmtree(grave, ignore_errors=True)
+        log.info("{qid}: removed", qid=queue_id)

@@ -1,0 +1,513 @@
+"""The queue runner: takes committed messages out of the spool and delivers the local recipients.
+
+For each message it resolves every due local recipient (aliases, extensions,
+role addresses: appliance.mail.local), writes one copy per mailbox into the
+Maildir tree (appliance.mail.maildir) with ``Return-Path`` and
+``Delivered-To`` prepended (the Received header the SMTP side wrote is kept,
+RFC 5321 4.4), and records the outcome per recipient in the spool:
+
+* delivered: ``delivered``; an alias that also reached remote addresses:
+  ``expanded``, and the remote addresses are appended as new pending
+  recipients in the same atomic state update;
+* unknown user: ``failed`` 550 5.1.1; more than ``max_received`` Received
+  headers: every open recipient ``failed`` 554 5.4.6 (RFC 5321 6.3, loop);
+  a ``Delivered-To`` for the very address we would add (the message went out
+  through a forward and came back): that recipient ``failed`` 554 5.4.6;
+* directory down, disk error: ``deferred`` with the next attempt after a
+  back-off; past ``lifetime`` a deferred recipient becomes ``failed``.
+
+Remote recipients are left to the ``remote_delivery`` hook (None: they stay
+pending for whoever delivers them); ``failed`` recipients are handed to the
+``bounce`` hook (the DSN writer) and marked ``dsn_sent`` once it returned.  A
+message is removed when every recipient is final and every DSN is sent.
+
+Crash safety: the state is written only after the Maildir copy is durable.
+A crash in between makes the next run deliver again, and the Maildir layer
+recognises the copy by the queue id in its name, so each mailbox holds the
+message exactly once (see appliance.mail.maildir).  Messages are processed
+right after commit (``notify``, registered as the spool's commit listener),
+at start (everything recovered), and by a retry timer on the injected clock.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from appliance.directory.base import DirectoryUnavailable
+from appliance.mail import maildir
+from appliance.mail.interfaces import Reply
+from appliance.mail.local import LocalRecipients, MailboxTarget, RemoteTarget, UnknownRecipient
+from appliance.mail.queue import (
+    DEFERRED,
+    DELIVERED,
+    EXPANDED,
+    FAILED,
+    Blocking,
+    QueuedMessage,
+    RecipientState,
+    Spool,
+    UnknownMessage,
+)
+
+log = Logger()
+
+#: Delivers the given remote recipients of a message; fires with the reply per
+#: recipient address.  A recipient missing from the mapping stays queued (R-4).
+RemoteDelivery = Callable[
+    [QueuedMessage, Sequence[RecipientState]], "Deferred[Mapping[str, Reply]]"
+]
+#: Sends (enqueues) the DSN for the given failed recipients; may return a Deferred.
+Bounce = Callable[[QueuedMessage, Sequence[RecipientState]], "Deferred[Any] | None"]
+
+DEFAULT_RETRY = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+READ_CHUNK = 64 * 1024
+HEADER_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The trace fields of a message's header: hop count and earlier Delivered-To addresses."""
+
+    received: int
+    delivered_to: frozenset[str]
+
+
+def read_trace(path: Path, limit: int = HEADER_LIMIT) -> Trace:
+    """Count Received fields and collect Delivered-To addresses in the header section."""
+    received = 0
+    delivered: set[str] = set()
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    for line in head.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        name = line[:13].lower()
+        if name.startswith(b"received:"):
+            received += 1
+        elif name == b"delivered-to:":
+            delivered.add(line[13:].strip().decode("utf-8", "replace").lower())
+    return Trace(received, frozenset(delivered))
+
+
+def count_received(path: Path, limit: int = HEADER_LIMIT) -> int:
+    """How many Received header fields the message's header section has (hop count)."""
+    return read_trace(path, limit).received
+
+
+def _inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    return defer.execute(f, *args)
+
+
+class QueueRunner:
+    """Delivers local recipients from the spool and keeps the retry schedule."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        local_recipients: LocalRecipients,
+        mail_root: Path,
+        hostname: str,
+        clock: IReactorTime,
+        *,
+        remote_delivery: RemoteDelivery | None = None,
+        bounce: Bounce | None = None,
+        blocking: Blocking | None = None,
+        sync: bool = True,
+        retry_intervals: Sequence[float] = DEFAULT_RETRY,
+        poll_interval: float = 60.0,
+        lifetime: float = 5 * 86400.0,
+        max_received: int = 25,
+        concurrency: int = 20,
+    ) -> None:
+        self.spool = spool
+        self.recipients = local_recipients
+        self.mail_root = Path(mail_root)
+        self.hostname = hostname
+        # zope interfaces as attribute types confuse mypy; the calls below are IReactorTime's.
+        self.clock: Any = clock
+        self.remote_delivery = remote_delivery
+        self.bounce = bounce
+        self.sync = sync
+        self.retry_intervals = tuple(retry_intervals) or DEFAULT_RETRY
+        self.poll_interval = poll_interval
+        self.lifetime = lifetime
+        self.max_received = max_received
+        self._blocking: Blocking = blocking if blocking is not None else _inline
+        self._semaphore = defer.DeferredSemaphore(max(1, concurrency))
+        self._due: dict[str, float] = {}
+        self._inflight: dict[str, Deferred[None]] = {}
+        self._again: set[str] = set()
+        self._fresh: set[str] = set()
+        self._forced: set[str] = set()
+        self._boxes: dict[str, set[str]] = {}
+        self._timer: Any = None
+        self._running = False
+        self._listening = False
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover the spool, schedule everything in it now, start the retry timer.
+
+        Call before the SMTP listeners start, so no mail is accepted before recovery.
+        """
+        if self._running:
+            return
+        self._running = True
+        if not self._listening:
+            self._listening = True
+            self.spool.add_commit_listener(self.notify)
+        for queue_id in self.spool.recover():
+            self._due[queue_id] = 0.0
+        log.info("queue runner started: {n} messages in the queue", n=len(self._due))
+        self._tick()
+
+    def stop(self) -> Deferred[None]:
+        """Stop the timer; fires when the deliveries under way have finished."""
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        d = defer.DeferredList(list(self._inflight.values()), consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    def notify(self, queue_id: str) -> None:
+        """A message was just committed (or an operator flushed it): process it now."""
+        self._fresh.add(queue_id)
+        self._due[queue_id] = 0.0
+        if self._running:
+            self._start(queue_id)
+
+    def flush(self) -> Deferred[None]:
+        """Process every queued message now, whatever its retry time (``sendmail -q``)."""
+        for queue_id in self.spool.messages():
+            self._due[queue_id] = 0.0
+            self._forced.add(queue_id)
+        return self.run()
+
+    def run(self) -> Deferred[None]:
+        """Process every message that is due; fires when they are done."""
+        now = self.clock.seconds()
+        started = [self._start(q) for q, due in sorted(self._due.items()) if due <= now]
+        d = defer.DeferredList(started, consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self._running:
+            return
+        self.run()
+        self._timer = self.clock.callLater(self.poll_interval, self._tick)
+
+    def _start(self, queue_id: str) -> Deferred[None]:
+        running = self._inflight.get(queue_id)
+        if running is not None:
+            self._again.add(queue_id)
+            return running
+        self._due.pop(queue_id, None)
+        d: Deferred[None] = self._semaphore.run(
+            lambda: Deferred.fromCoroutine(self._process_safely(queue_id))
+        )
+        self._inflight[queue_id] = d
+
+        def finished(_: object) -> None:
+            del self._inflight[queue_id]
+            if queue_id in self._again:
+                self._again.discard(queue_id)
+                self._start(queue_id)
+
+        d.addBoth(finished)
+        return d
+
+    # -- one message ------------------------------------------------------------
+
+    async def _process_safely(self, queue_id: str) -> None:
+        try:
+            await self.process(queue_id)
+        except Exception:
+            log.failure("{qid}: processing failed; retrying later", qid=queue_id)
+            self._due[queue_id] = self.clock.seconds() + self.poll_interval
+
+    async def process(self, queue_id: str) -> None:
+        """Deliver what is due in one message, record it, bounce, remove when done."""
+        try:
+            message = self.spool.load(queue_id)
+        except UnknownMessage:
+            self._forget(queue_id)
+            return
+        now = self.clock.seconds()
+        open_ = [r for r in message.recipients if not r.final]
+        forced = queue_id in self._forced
+        self._forced.discard(queue_id)
+        due = [r for r in open_ if forced or r.next_attempt <= now]
+        local = [r for r in due if self.recipients.is_local(r.address)]
+        remote = [r for r in due if not self.recipients.is_local(r.address)]
+        if self.remote_delivery is None:
+            remote = []
+        updates: list[RecipientState] = []
+        added: list[RecipientState] = []
+        trace = Trace(0, frozenset())
+        if local or remote:
+            trace = await self._blocking(read_trace, message.data_path)
+            hops = trace.received
+            if hops > self.max_received:
+                reply = Reply(554, "5.4.6", f"Routing loop detected: {hops} Received headers")
+                log.warn("{qid}: {text}", qid=queue_id, text=reply.text)
+                updates = [self._failed(r, reply, now) for r in open_]
+                local = remote = []
+        for r in local:
+            state, more = await self._deliver_local(message, r, now, trace)
+            updates.append(state)
+            added.extend(more)
+        if remote and self.remote_delivery is not None:
+            updates.extend(await self._deliver_remote(message, remote, now))
+        updates = [self._expire(message, r, now) for r in updates]
+        bounce_failed = False
+        if updates and not added:
+            # The common case, every recipient done in this pass: the removal is the
+            # state change, which saves a state write.  A crash before it only
+            # repeats idempotent deliveries (and at worst a DSN).
+            final = message.with_updates(updates)
+            if final.all_final:
+                if await self._bounce_owed(final):
+                    await self.spool.remove(queue_id, force=True)
+                    self._forget(queue_id)
+                    return
+                bounce_failed = True
+        if updates or added:
+            message = await self.spool.update_recipients(queue_id, updates, added)
+        if not bounce_failed:
+            message = await self._send_bounces(message)
+        if message.all_final and (self.bounce is None or self._dsns_done(message)):
+            await self.spool.remove(queue_id)
+            self._forget(queue_id)
+            return
+        self._schedule(message, now)
+
+    def _forget(self, queue_id: str) -> None:
+        self._due.pop(queue_id, None)
+        self._fresh.discard(queue_id)
+        self._forced.discard(queue_id)
+        self._boxes.pop(queue_id, None)
+
+    def _schedule(self, message: QueuedMessage, now: float) -> None:
+        mine = [
+            r
+            for r in message.recipients
+            if not r.final
+            and (self.remote_delivery is not None or self.recipients.is_local(r.address))
+        ]
+        if mine:
+            self._due[message.queue_id] = max(now, min(r.next_attempt for r in mine))
+        elif self.bounce is not None and not self._dsns_done(message):
+            self._due[message.queue_id] = now + self.poll_interval
+        else:
+            self._due.pop(message.queue_id, None)
+
+    @staticmethod
+    def _dsns_done(message: QueuedMessage) -> bool:
+        return all(r.dsn_sent for r in message.recipients if r.status == FAILED)
+
+    # -- outcomes -----------------------------------------------------------------
+
+    def _failed(self, r: RecipientState, reply: Reply, now: float) -> RecipientState:
+        log.info(
+            "{rcpt}: failed {code} {enh} {text}",
+            rcpt=r.address,
+            code=reply.code,
+            enh=reply.enhanced,
+            text=reply.text,
+        )
+        return replace(r, status=FAILED, attempts=r.attempts + 1, last_reply=reply, updated_at=now)
+
+    def _deferred(self, r: RecipientState, reply: Reply, now: float) -> RecipientState:
+        attempts = r.attempts + 1
+        delay = self.retry_intervals[min(attempts, len(self.retry_intervals)) - 1]
+        log.info(
+            "{rcpt}: deferred {code} {enh} {text}; retry in {delay}s",
+            rcpt=r.address,
+            code=reply.code,
+            enh=reply.enhanced,
+            text=reply.text,
+            delay=delay,
+        )
+        return replace(
+            r,
+            status=DEFERRED,
+            attempts=attempts,
+            next_attempt=now + delay,
+            last_reply=reply,
+            updated_at=now,
+        )
+
+    def _expire(self, message: QueuedMessage, r: RecipientState, now: float) -> RecipientState:
+        if r.status != DEFERRED or now - message.envelope.received_at < self.lifetime:
+            return r
+        last = r.last_reply or Reply(451, "4.4.7", "no answer")
+        days = self.lifetime / 86400
+        reply = Reply(
+            last.code, last.enhanced, f"gave up after {days:g} days in the queue: {last.text}"
+        )
+        return replace(r, status=FAILED, last_reply=reply)
+
+    # -- local delivery -------------------------------------------------------------
+
+    async def _deliver_local(
+        self, message: QueuedMessage, r: RecipientState, now: float, trace: Trace
+    ) -> tuple[RecipientState, list[RecipientState]]:
+        qid = message.queue_id
+        try:
+            targets = await self.recipients.resolve(r.address)
+        except UnknownRecipient as e:
+            return self._failed(r, e.reply, now), []
+        except DirectoryUnavailable as e:
+            log.warn(
+                "{qid}: directory unavailable for {rcpt}: {err}", qid=qid, rcpt=r.address, err=e
+            )
+            return self._deferred(r, Reply(451, "4.4.3", "Directory unavailable"), now), []
+        boxes = self._boxes.setdefault(qid, set())
+        delivered = []
+        for target in targets:
+            if not isinstance(target, MailboxTarget):
+                continue
+            if target.address in trace.delivered_to:
+                # qmail's and Postfix's rule: our own Delivered-To line came back.
+                text = f"Mail loop: already delivered to {target.address}"
+                return self._failed(r, Reply(554, "5.4.6", text), now), []
+            try:
+                path = maildir.mailbox_path(self.mail_root, target.mailbox)
+            except ValueError as e:
+                log.error("{qid}: {rcpt}: {err}", qid=qid, rcpt=r.address, err=e)
+                return self._deferred(r, Reply(451, "4.3.5", "Mailbox misconfigured"), now), []
+            thorough = qid not in self._fresh or r.attempts > 0 or target.mailbox in boxes
+            try:
+                name = await self._blocking(
+                    self._write_mailbox, message, path, target.address, thorough, now
+                )
+            except OSError as e:
+                log.error(
+                    "{qid}: {rcpt}: cannot write {path}: {err}",
+                    qid=qid,
+                    rcpt=r.address,
+                    path=path,
+                    err=e,
+                )
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return self._deferred(r, Reply(452, "4.2.2", "Mailbox full"), now), []
+                return self._deferred(r, Reply(451, "4.3.0", "Mailbox write error"), now), []
+            boxes.add(target.mailbox)
+            delivered.append(target.mailbox)
+            log.info(
+                "{qid}: to=<{rcpt}> delivered to {box} as {name}",
+                qid=qid,
+                rcpt=r.address,
+                box=target.mailbox,
+                name=name,
+            )
+        remotes = [t.address for t in targets if isinstance(t, RemoteTarget)]
+        if remotes:
+            reply = Reply(
+                250, "2.1.5", f"expanded to {len(delivered)} mailboxes, {len(remotes)} remote"
+            )
+            added = [
+                RecipientState(address=a, updated_at=now, original=r.original or r.address)
+                for a in remotes
+            ]
+            log.info(
+                "{qid}: {rcpt} forwarded to {to}", qid=qid, rcpt=r.address, to=", ".join(remotes)
+            )
+            return replace(
+                r, status=EXPANDED, attempts=r.attempts + 1, last_reply=reply, updated_at=now
+            ), added
+        reply = Reply(250, "2.0.0", "Delivered to " + ", ".join(delivered))
+        return replace(
+            r, status=DELIVERED, attempts=r.attempts + 1, last_reply=reply, updated_at=now
+        ), []
+
+    def _write_mailbox(
+        self, message: QueuedMessage, path: Path, address: str, thorough: bool, now: float
+    ) -> str:
+        """Blocking: prepend Return-Path and Delivered-To, write LF line ends, fsync."""
+        sender = message.envelope.sender
+        head = f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode(
+            "utf-8", "surrogateescape"
+        )
+        with open(message.data_path, "rb") as f:
+
+            def chunks() -> Iterator[bytes]:
+                yield head
+                yield from maildir.crlf_to_lf(iter(lambda: f.read(READ_CHUNK), b""))
+
+            return maildir.deliver(
+                path,
+                chunks(),
+                hostname=self.hostname,
+                now=now,
+                key=message.queue_id,
+                key_time=message.envelope.received_at,
+                thorough=thorough,
+                sync=self.sync,
+            )
+
+    # -- remote delivery and bounces ---------------------------------------------------
+
+    async def _deliver_remote(
+        self, message: QueuedMessage, remote: list[RecipientState], now: float
+    ) -> list[RecipientState]:
+        assert self.remote_delivery is not None
+        try:
+            replies: Mapping[str, Reply] = await self.remote_delivery(message, remote)
+        except Exception as e:
+            log.failure("{qid}: remote delivery failed", qid=message.queue_id)
+            replies = {}
+            fallback = Reply(451, "4.4.0", f"Delivery attempt failed: {e}")
+        else:
+            fallback = Reply(451, "4.4.0", "No result from the delivery attempt")
+        out = []
+        for r in remote:
+            reply = replies.get(r.address, fallback)
+            if 200 <= reply.code < 300:
+                out.append(
+                    replace(
+                        r,
+                        status=DELIVERED,
+                        attempts=r.attempts + 1,
+                        last_reply=reply,
+                        updated_at=now,
+                    )
+                )
+            elif reply.permanent:
+                out.append(self._failed(r, reply, now))
+            else:
+                out.append(self._deferred(r, reply, now))
+        return out
+
+    async def _bounce_owed(self, message: QueuedMessage) -> bool:
+        """Hand the DSNs still owed to the bounce hook; False when it failed."""
+        owed = [r for r in message.recipients if r.status == FAILED and not r.dsn_sent]
+        if not owed or self.bounce is None:
+            return True
+        try:
+            await defer.maybeDeferred(self.bounce, message, owed)
+        except Exception:
+            log.failure("{qid}: could not send the DSN; will retry", qid=message.queue_id)
+            return False
+        return True
+
+    async def _send_bounces(self, message: QueuedMessage) -> QueuedMessage:
+        owed = [r for r in message.recipients if r.status == FAILED and not r.dsn_sent]
+        if not owed or self.bounce is None or not await self._bounce_owed(message):
+            return message
+        return await self.spool.update_recipients(
+            message.queue_id, [replace(r, dsn_sent=True) for r in owed]
+        )
