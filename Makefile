@@ -40,7 +40,7 @@ deps:
 	fi
 
 check: $(VENV)/.installed
-	$(VENV)/bin/ruff check appliance tests twisted bench
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: deps venvs check
