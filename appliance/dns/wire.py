@@ -509,6 +509,37 @@ def _split_rdata(rdata: bytes, layout: tuple[int, ...]) -> list[tuple[bytes, boo
     return pieces if off == end else None
 
 
+def _required_glue(message: Message) -> frozenset[bytes]:
+    """Lower-cased owners of the address records a referral cannot do without (RFC 9471 2.1).
+
+    A referral has no answer, no AA and NS records in the authority section;
+    an NS target at or below its NS owner (in-domain) cannot be resolved
+    without its glue.
+    """
+    if message.aa or message.answer:
+        return frozenset()
+    required = set()
+    for rr in message.authority:
+        if rr.rtype != 2:
+            continue
+        target = rr.rdata.lower()
+        zone = rr.name.lower()
+        try:
+            suffixes = _suffix_cache.get(target) or _suffixes(target)
+        except ValueError:
+            continue
+        if zone == b"\x00" or any(suffix == zone for _, suffix in suffixes):
+            required.add(target)
+    if not required:
+        return frozenset()
+    present = {rr.name.lower() for rr in message.additional if rr.rtype in (1, 28)}
+    return frozenset(required & present)
+
+
+def _is_glue(rrset: tuple[RR, ...], glue: frozenset[bytes]) -> bool:
+    return rrset[0].rtype in (1, 28) and rrset[0].name.lower() in glue
+
+
 def _rrsets(rrs: tuple[RR, ...]) -> list[tuple[RR, ...]]:
     """Split a section into runs of records with the same owner, type and class."""
     groups: list[tuple[RR, ...]] = []
@@ -595,9 +626,9 @@ def encode(message: Message, max_size: int | None = None) -> bytes:
     """Serialise ``message`` with name compression, fitting it into ``max_size`` octets.
 
     If it does not fit, whole RRsets are dropped from the additional section
-    first; if the answer and authority sections still do not fit, the result
-    is the header with TC=1, the question and the OPT record (RFC 2181 9,
-    RFC 6891 7).  No limit means the 65535 octets TCP can carry.  Raise
+    first; if the answer and authority sections still do not fit, or a
+    referral loses in-domain glue (RFC 9471 3), the result is the header with
+    TC=1, the question and the OPT record (RFC 2181 9, RFC 6891 7).  No limit means the 65535 octets TCP can carry.  Raise
     ValueError for a message that cannot be encoded at all (bad names, an
     extended rcode without EDNS, out-of-range fields).
     """
@@ -625,15 +656,26 @@ def encode(message: Message, max_size: int | None = None) -> bytes:
                 del buf[additional_start:]
                 table = {k: v for k, v in table.items() if v < additional_start}
                 counts[2] = 0
-                for rrset in _rrsets(message.additional):
+                glue = _required_glue(message)
+                rrsets = _rrsets(message.additional)
+                if glue:
+                    # Required glue goes first so that optional data cannot crowd it out.
+                    rrsets.sort(key=lambda rrset: not _is_glue(rrset, glue))
+                for rrset in rrsets:
                     mark = len(buf)
                     for rr in rrset:
                         _put_rr(buf, rr, table)
-                    if len(buf) > room:
-                        del buf[mark:]
-                        table = {k: v for k, v in table.items() if v < mark}
-                    else:
+                    if len(buf) <= room:
                         counts[2] += len(rrset)
+                        continue
+                    del buf[mark:]
+                    table = {k: v for k, v in table.items() if v < mark}
+                    if glue and _is_glue(rrset, glue):
+                        # RFC 9471 3: a referral without all its in-domain glue must set TC.
+                        del buf[question_end:]
+                        counts = [0, 0, 0]
+                        tc = True
+                        break
     except struct.error as exc:
         raise ValueError(f"field out of range: {exc}") from None
     return _finish(buf, message, tc, counts, opt)

@@ -438,15 +438,13 @@ class _Loader:
                 filename, line, f"{names.to_text(owner)[:-1]}: multiple RRs of singleton type"
             )
         # Within a run of records for one owner the first TTL wins (with a warning); a later run
-        # replaces the RRset's TTL, as BIND's loader and database do.
+        # that adds records replaces the RRset's TTL, as BIND's loader and database do.
         if owner != self.batch_owner:
             self.batch_owner = owner
             self.batch_ttls = {}
         prior = self.batch_ttls.get(rtype)
         if prior is None:
             self.batch_ttls[rtype] = ttl
-            if rrset is not None:
-                rrset.ttl = ttl
         elif prior != ttl:
             self.warn(filename, line, f"TTL set to prior TTL ({prior})")
             ttl = prior
@@ -457,6 +455,8 @@ class _Loader:
             self.order.append((cowner, rtype))
             types.add(rtype)
         if key not in rrset.keys:
+            # A run that only repeats existing records leaves the RRset (and its TTL) alone.
+            rrset.ttl = ttl
             rrset.keys.add(key)
             rrset.rdatas.append(data)
 
