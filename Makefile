@@ -7,7 +7,7 @@ VENV := .venv
 VENV22 := .venv-tw22
 DEMO_CONFIG := etc/demo/appliance.toml
 # Real peers the integration tests start on loopback, and the Debian packaging toolchain.
-DEB_PACKAGES := bind9 bind9-utils bind9-dnsutils swaks \
+DEB_PACKAGES := bind9 bind9-utils bind9-dnsutils swaks postfix \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-hatchling \
 	lintian fakeroot dpkg-dev
 PYTEST_ARGS ?= -n auto
@@ -33,6 +33,7 @@ deps:
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing Debian packages:" $$missing; \
+			echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 		else \
 			echo "missing Debian packages (tests that need them are skipped):" $$missing; \
