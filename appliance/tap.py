@@ -36,4 +36,4 @@ def makeService(options: Options, reactor: object = None) -> IService:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         raise SystemExit(1) from e
-    return build_service(config, reactor)
+    return build_service(config, reactor)  # type: ignore[return-value]
