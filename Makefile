@@ -12,7 +12,7 @@ DEB_PACKAGES := bind9 bind9-utils bind9-dnsutils swaks postfix \
 	lintian fakeroot dpkg-dev
 PYTEST_ARGS ?= -n auto
 
-.PHONY: demo test check deps venvs clean
+.PHONY: demo test check deps venvs deb clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ demo: $(VENV)/.installed
 	mkdir -p var/demo
 	$(VENV)/bin/appliance check --config $(DEMO_CONFIG)
 	$(VENV)/bin/twistd --nodaemon --pidfile=var/demo/twistd.pid appliance --config $(DEMO_CONFIG)
+
+# The Debian package, built with the system Python (a pyenv python3 first in PATH breaks pybuild).
+deb:
+	env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$$HOME dpkg-buildpackage -us -uc -b
 
 clean:
 	rm -rf var build dist *.egg-info .hypothesis .mypy_cache .ruff_cache
