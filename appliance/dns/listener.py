@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.dns import wire
+from appliance.dns.answercache import AnswerCache, question_key
 from appliance.dns.rr import Opcode, RCode, RRType
 from appliance.dns.wire import DEFAULT_UDP_SIZE, MAX_MESSAGE, MIN_UDP_SIZE, Message, WireError
 
@@ -98,6 +99,7 @@ class DNSServerCore:
         self.udp_size = max(MIN_UDP_SIZE, min(udp_size, MAX_MESSAGE))
         self.opcodes = frozenset(opcodes)
         self.log = log if log is not None else Logger(namespace="appliance.dns.listener")
+        self.cache = AnswerCache() if hasattr(responder, "cache_token") else None
 
     def reply_limit(self, query: Message | None, transport: str) -> int:
         """Largest reply for ``query``: TCP 65535, UDP max(512, min(client EDNS size, ours)) (RFC 6891 6.2.5)."""
@@ -117,8 +119,28 @@ class DNSServerCore:
         """Process one message; return the encoded reply, None for silence, or a Deferred of either.
 
         Never raises: anything unexpected becomes SERVFAIL (if a reply is
-        possible at all) and a logged failure.
+        possible at all) and a logged failure.  A responder that offers
+        ``cache_token(client_ip)`` has its synchronous replies kept in an
+        AnswerCache, and a repeated question is answered from there.
         """
+        cache = self.cache
+        if cache is not None:
+            found = question_key(data, transport)
+            if found is not None:
+                try:
+                    token = self.responder.cache_token(client[0])  # type: ignore[attr-defined]
+                except Exception:
+                    self.log.failure("DNS cache token failed for {client}", client=client)
+                    token = None
+                if token is not None:
+                    key = (found[0], token)
+                    hit = cache.get(key, data, found[1])
+                    if hit is not None:
+                        return hit
+                    result = self.process(data, client, transport, local)[1]
+                    if isinstance(result, bytes):
+                        cache.put(key, result)
+                    return result
         return self.process(data, client, transport, local)[1]
 
     def process(

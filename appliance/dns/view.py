@@ -10,7 +10,7 @@ offered (D-2).  A reload replaces the whole zone table at once.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -78,17 +78,44 @@ class View:
         minimal_any: bool = False,
     ) -> None:
         self.side = side
-        self.allow_query = allow_query
         self.udp_size = udp_size
         self.minimal_any = minimal_any
+        self.generation = 0
+        self._acl_memo: dict[str, bool] = {}
+        self.allow_query = allow_query
         self.replace_zones(zones, allow_transfer or {})
+
+    @property
+    def allow_query(self) -> tuple[Network, ...]:
+        return self._allow_query
+
+    @allow_query.setter
+    def allow_query(self, networks: tuple[Network, ...]) -> None:
+        self._allow_query = networks
+        self._acl_memo = {}
+        self.generation += 1
 
     def replace_zones(
         self, zones: Mapping[bytes, ServedZone], allow_transfer: Mapping[bytes, tuple[Network, ...]]
     ) -> None:
-        """Swap in a new zone table at once (a reload)."""
+        """Swap in a new zone table at once (a reload); answers cached for the old one stop matching."""
         self.zones = {canonical(origin): zone for origin, zone in zones.items()}
         self.allow_transfer = {canonical(origin): nets for origin, nets in allow_transfer.items()}
+        self.generation += 1
+
+    def allows(self, client: str) -> bool:
+        """Whether ``client`` passes allow_query (memoised: the ACL is checked on every query)."""
+        allowed = self._acl_memo.get(client)
+        if allowed is None:
+            allowed = _allowed(client, self._allow_query)
+            if len(self._acl_memo) >= 65536:
+                self._acl_memo = {}
+            self._acl_memo[client] = allowed
+        return allowed
+
+    def cache_token(self, client: str) -> Hashable:
+        """What, besides the question, an answer of this view depends on (see appliance.dns.answercache)."""
+        return (self.generation, self.allows(client))
 
     def find_zone(self, qname: bytes) -> ServedZone | None:
         """The closest enclosing zone this view is authoritative for."""
@@ -105,7 +132,7 @@ class View:
         if len(query.question) != 1:
             return error_response(query, RCode.FORMERR, udp_size=self.udp_size)
         question = query.question[0]
-        if not _allowed(client[0], self.allow_query):
+        if not self.allows(client[0]):
             log.debug(
                 "dns/{side}: query from {client} refused by allow_query",
                 side=self.side,
