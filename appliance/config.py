@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.schema import Problem, Problems, Table
+from appliance.schema import Problem, Problems, Table, parse_duration
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -132,6 +132,21 @@ class MailConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """How mail leaves the box (転送): routes, smart host, retries and lifetimes (M-5, M-6)."""
+
+    static_routes: dict[str, str]
+    smart_host: str | None
+    fallback_relay: str | None
+    self_is_best_mx: str
+    opportunistic_tls: bool
+    lifetime: float
+    relay_lifetime: float
+    retry_intervals: tuple[float, ...]
+    concurrency: int
+
+
+@dataclass(frozen=True)
 class DirectoryConfig:
     backend: str
     users: Path
@@ -155,6 +170,7 @@ class Config:
     tls: TLSConfig
     dns: DNSConfig
     mail: MailConfig
+    delivery: DeliveryConfig
     directory: DirectoryConfig
     pop3: POP3Config
     extra: dict[str, object] = field(default_factory=dict, compare=False)
@@ -244,6 +260,7 @@ def _build(path: Path, top: Table, problems: Problems) -> Config:
 
     dns = _dns(top.table("dns"), sides)
     mail = _mail(top.table("mail"), hostname, state_dir)
+    delivery = _delivery(top.table("delivery"))
     directory_t = top.table("directory")
     directory = DirectoryConfig(
         backend=directory_t.string("backend", "file", choices=("file",)),
@@ -264,6 +281,7 @@ def _build(path: Path, top: Table, problems: Problems) -> Config:
         tls=tls,
         dns=dns,
         mail=mail,
+        delivery=delivery,
         directory=directory,
         pop3=pop3,
     )
@@ -364,6 +382,50 @@ def _mail(table: Table, hostname: str, state_dir: Path) -> MailConfig:
         max_message_size=table.integer("max_message_size", 25 * 1024 * 1024, 1024, 2**31),
         max_recipients=table.integer("max_recipients", 100, 1, 100000),
         extension_separators=separators,
+    )
+    table.done()
+    return config
+
+
+def _route_target(table: Table, key: str, target: str) -> str:
+    from appliance.mail.routing import RouteError, parse_target
+
+    try:
+        parse_target(target, key)
+    except RouteError as e:
+        table.error(key, str(e))
+    return target
+
+
+def _delivery(table: Table) -> DeliveryConfig:
+    routes_table = table.table("static_routes")
+    routes: dict[str, str] = {}
+    for domain in routes_table.keys():
+        target = routes_table.string(domain)
+        routes[domain.lower()] = _route_target(routes_table, domain, target)
+    smart = table.string("smart_host", "") or None
+    if smart:
+        _route_target(table, "smart_host", smart)
+    fallback = table.string("fallback_relay", "") or None
+    if fallback:
+        _route_target(table, "fallback_relay", fallback)
+    retry_raw = table.strings("retry_intervals", ("1m", "5m", "15m", "30m", "1h", "2h", "4h"))
+    retry = []
+    for index, item in enumerate(retry_raw):
+        try:
+            retry.append(parse_duration(item))
+        except ValueError as e:
+            table.error(f"retry_intervals[{index}]", str(e))
+    config = DeliveryConfig(
+        static_routes=routes,
+        smart_host=smart,
+        fallback_relay=fallback,
+        self_is_best_mx=table.string("self_is_best_mx", "bounce", choices=("bounce", "addresses")),
+        opportunistic_tls=table.boolean("opportunistic_tls", True),
+        lifetime=table.duration("lifetime", "5d"),
+        relay_lifetime=table.duration("relay_lifetime", "10d"),
+        retry_intervals=tuple(retry),
+        concurrency=table.integer("concurrency", 20, 1, 1000),
     )
     table.done()
     return config

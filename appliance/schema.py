@@ -51,6 +51,29 @@ _TYPE_NAMES = {
 }
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> float:
+    """``300``, ``"90s"``, ``"15m"``, ``"4h"``, ``"5d"``, ``"1w"`` -> seconds; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'must be a duration such as 300, "15m", "4h" or "5d", not {value!r}')
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = _UNITS.get(text[-1:]) if text else None
+        try:
+            seconds = float(text[:-1]) * unit if unit else float(text)
+        except ValueError:
+            raise ValueError(
+                f'must be a duration such as "15m", "4h" or "5d", not {value!r}'
+            ) from None
+    else:
+        seconds = float(value)
+    if not 0 <= seconds <= 10 * 365 * 86400:
+        raise ValueError(f"must be between 0 and 10 years, not {value!r}")
+    return seconds
+
+
 class Table:
     """One TOML table being read; ``done()`` reports the keys nobody asked for."""
 
@@ -100,6 +123,21 @@ class Table:
             self.error(name, f"must be between {low} and {high}, not {value}")
             return low
         return value  # type: ignore[no-any-return]
+
+    def duration(self, name: str, default: Any = _MISSING) -> float:
+        """Seconds, written as a number of seconds or as ``90s``, ``15m``, ``4h``, ``5d``, ``1w``."""
+        self._seen.add(name)
+        value = self._data.get(name, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.error(name, "is required")
+                return 0.0
+            value = default
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            self.error(name, str(e))
+            return 0.0
 
     def port(self, name: str, default: Any = _MISSING) -> int:
         return self.integer(name, default, 1, 65535)
@@ -179,6 +217,10 @@ class Table:
                 continue
             out.append(Table(item, f"{self.key(name)}[{index}]", self._problems, self._base))
         return out
+
+    def keys(self) -> list[str]:
+        """The keys present in this table, in file order."""
+        return list(self._data)
 
     def subtables(self) -> list[tuple[str, Table]]:
         """Every key of this table read as a named subtable (``[views.NAME]`` style)."""

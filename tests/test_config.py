@@ -191,3 +191,45 @@ def test_dns_views(tmp_path: Path) -> None:
     assert outside.allow_query == ()
     inside = c.dns.view("inside")
     assert inside is not None and ipaddress.ip_network("127.0.1.0/24") in inside.allow_query
+
+
+def test_delivery_settings(tmp_path: Path) -> None:
+    text = MINIMAL + textwrap.dedent(
+        """
+        [delivery]
+        smart_host = "[127.0.2.25]:2525"
+        lifetime = "3d"
+        relay_lifetime = 864000
+        retry_intervals = ["30s", "10m", "2h"]
+        [delivery.static_routes]
+        "partner.test" = "[127.0.2.30]"
+        ".corp.test" = "gw.corp.test:2525"
+        """
+    )
+    c = config.load(write(tmp_path, text))
+    assert c.delivery.smart_host == "[127.0.2.25]:2525"
+    assert c.delivery.lifetime == 3 * 86400
+    assert c.delivery.relay_lifetime == 864000
+    assert c.delivery.retry_intervals == (30, 600, 7200)
+    assert c.delivery.static_routes == {"partner.test": "[127.0.2.30]", ".corp.test": "gw.corp.test:2525"}
+
+
+def test_delivery_mistakes(tmp_path: Path) -> None:
+    text = MINIMAL + textwrap.dedent(
+        """
+        [delivery]
+        lifetime = "five days"
+        retry_intervals = ["10m", "-1m"]
+        self_is_best_mx = "panic"
+        [delivery.static_routes]
+        "partner.test" = "[not an address"
+        """
+    )
+    keys = {p.key: p.reason for p in config.check(write(tmp_path, text))}
+    assert set(keys) == {
+        "delivery.lifetime",
+        "delivery.retry_intervals[1]",
+        "delivery.self_is_best_mx",
+        "delivery.static_routes.partner.test",
+    }
+    assert "duration" in keys["delivery.lifetime"]

@@ -126,6 +126,7 @@ class QueueRunner:
         retry_intervals: Sequence[float] = DEFAULT_RETRY,
         poll_interval: float = 60.0,
         lifetime: float = 5 * 86400.0,
+        lifetime_for: Callable[[str], float] | None = None,
         max_received: int = 25,
         concurrency: int = 20,
     ) -> None:
@@ -141,6 +142,7 @@ class QueueRunner:
         self.retry_intervals = tuple(retry_intervals) or DEFAULT_RETRY
         self.poll_interval = poll_interval
         self.lifetime = lifetime
+        self.lifetime_for = lifetime_for
         self.max_received = max_received
         self._blocking: Blocking = blocking if blocking is not None else _inline
         self._semaphore = defer.DeferredSemaphore(max(1, concurrency))
@@ -350,11 +352,16 @@ class QueueRunner:
             updated_at=now,
         )
 
+    def lifetime_of(self, address: str) -> float:
+        """How long mail for ``address`` may wait (longer for backup-MX domains, M-5)."""
+        return self.lifetime if self.lifetime_for is None else self.lifetime_for(address)
+
     def _expire(self, message: QueuedMessage, r: RecipientState, now: float) -> RecipientState:
-        if r.status != DEFERRED or now - message.envelope.received_at < self.lifetime:
+        lifetime = self.lifetime_of(r.address)
+        if r.status != DEFERRED or now - message.envelope.received_at < lifetime:
             return r
         last = r.last_reply or Reply(451, "4.4.7", "no answer")
-        days = self.lifetime / 86400
+        days = lifetime / 86400
         reply = Reply(
             last.code, last.enhanced, f"gave up after {days:g} days in the queue: {last.text}"
         )

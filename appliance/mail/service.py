@@ -1,5 +1,9 @@
 """The mail service: the spool, its runner, the recipient tables and relay policy the SMTP listeners share.
 
+Remote recipients are delivered by appliance.mail.outbound through the
+in-process resolver (the inside view's zones first, then its cache and
+upstreams); without a resolver they stay queued.
+
 Started before any listener, so the spool is recovered and the runner is
 delivering before the first client is accepted.  A reload re-reads the aliases
 and the domain settings and hands the new tables to every SMTP listener; a
@@ -19,10 +23,13 @@ from appliance.config import Config, Listener
 from appliance.directory.base import Directory
 from appliance.mail.aliases import AliasTable, load_aliases
 from appliance.mail.local import LocalRecipients
+from appliance.mail.outbound import BounceWriter, RemoteDelivery, postmaster_address
 from appliance.mail.queue import Spool
 from appliance.mail.relay import RelayPolicy
+from appliance.mail.routing import Route, Router, parse_target
 from appliance.mail.runner import QueueRunner
 from appliance.mail.smtp import SMTPServerFactory
+from appliance.mail.smtp_client import OutboundSettings, tcp_endpoint
 
 log = Logger(namespace="appliance.mail")
 
@@ -44,6 +51,43 @@ def _relay_policy(config: Config) -> RelayPolicy:
     )
 
 
+def _router(config: Config) -> Router:
+    return Router(
+        config.delivery.static_routes,
+        config.delivery.smart_host,
+        config.mail.hostnames,
+        (*config.outside.addresses, *config.inside.addresses),
+    )
+
+
+def _outbound_settings(config: Config) -> OutboundSettings:
+    fallback = None
+    if config.delivery.fallback_relay:
+        parsed = parse_target(config.delivery.fallback_relay, "fallback_relay")
+        if parsed is not None:
+            fallback = Route("fallback", *parsed)
+    return OutboundSettings(
+        helo_name=config.hostname,
+        own_names=config.mail.hostnames,
+        own_addresses=(*config.outside.addresses, *config.inside.addresses),
+        opportunistic_tls=config.delivery.opportunistic_tls,
+        self_is_best_mx=config.delivery.self_is_best_mx,
+        fallback=fallback,
+    )
+
+
+def _lifetime_for(config: Config) -> Callable[[str], float]:
+    relay_domains = frozenset(config.mail.relay_domains)
+
+    def lifetime_for(address: str) -> float:
+        domain = address.rpartition("@")[2].lower()
+        if domain in relay_domains:
+            return config.delivery.relay_lifetime
+        return config.delivery.lifetime
+
+    return lifetime_for
+
+
 def _recipients(config: Config, directory: Directory, aliases: AliasTable) -> LocalRecipients:
     return LocalRecipients(
         directory,
@@ -59,7 +103,12 @@ class MailService(Service):
     name = "mail"
 
     def __init__(
-        self, config: Config, reactor: Any, directory: Directory, blocking: Blocking | None
+        self,
+        config: Config,
+        reactor: Any,
+        directory: Directory,
+        blocking: Blocking | None,
+        resolver: Any = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -67,13 +116,34 @@ class MailService(Service):
         self.spool = Spool(config.mail.spool, reactor, blocking=blocking)
         self.recipients = _recipients(config, directory, _aliases(config))
         self.relay = _relay_policy(config)
+        self.remote: RemoteDelivery | None = None
+        if resolver is not None:
+            self.remote = RemoteDelivery(
+                _router(config),
+                resolver,
+                _outbound_settings(config),
+                reactor,
+                lambda address, port: tcp_endpoint(reactor, address, port),
+                concurrency=config.delivery.concurrency,
+            )
         self.runner = QueueRunner(
             self.spool,
             self.recipients,
             config.mail.mail_root,
             config.hostname,
             reactor,
+            remote_delivery=self.remote,
+            bounce=BounceWriter(
+                self.spool,
+                config.hostname,
+                postmaster_address(config.mail.local_domains, config.hostname),
+                reactor,
+            ),
             blocking=blocking,
+            retry_intervals=config.delivery.retry_intervals,
+            lifetime=config.delivery.lifetime,
+            lifetime_for=_lifetime_for(config),
+            concurrency=config.delivery.concurrency,
         )
         self.factories: list[SMTPServerFactory] = []
 
@@ -115,6 +185,12 @@ class MailService(Service):
         relay = _relay_policy(config)
         self.config, self.recipients, self.relay = config, recipients, relay
         self.runner.recipients = recipients
+        self.runner.retry_intervals = config.delivery.retry_intervals
+        self.runner.lifetime = config.delivery.lifetime
+        self.runner.lifetime_for = _lifetime_for(config)
+        if self.remote is not None:
+            self.remote.router = _router(config)
+            self.remote.settings = _outbound_settings(config)
         for factory in self.factories:
             factory.recipients = recipients
             factory.relay = relay
