@@ -16,8 +16,20 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from appliance.config import Config, Listener
+from appliance.directory.ldap import LDAPDirectoryService, settings_from_config
+from appliance.directory.popbeforesmtp import PopBeforeSMTP
 from appliance.directory.service import DirectoryService
+from appliance.directory.throttle import (
+    POP3_LOCKED_OUT,
+    LockedOutGate,
+    LoginThrottle,
+    doubling_delays,
+)
+from appliance.dns.cache import DNSCache
+from appliance.dns.client import DNSClient
 from appliance.dns.listener import DNSDatagramProtocol, DNSServerCore, DNSStreamFactory
+from appliance.dns.recursion import RecursiveView
+from appliance.dns.resolver import MailResolverAdapter, Resolver
 from appliance.dns.service import DNSService
 from appliance.dns.zone import load_zone
 from appliance.mail.service import MailService
@@ -34,12 +46,52 @@ class Components:
         self.reactor = reactor
         self.threads = ThreadPoolService(reactor)
         self.tls = TLSService(config.tls)
-        self.directory = DirectoryService(config, reactor, self.threads.pool)
-        self.mail = MailService(config, reactor, self.directory.directory, self.threads.run)
+        self.directory: DirectoryService | LDAPDirectoryService
+        if config.directory.backend == "ldap" and config.directory.ldap is not None:
+            settings = settings_from_config(config.directory.ldap)
+            self.directory = LDAPDirectoryService(settings, reactor, self.threads.pool)
+        else:
+            self.directory = DirectoryService(config, reactor, self.threads.pool)
+        throttle = config.login_throttle
+        # One throttle for SMTP AUTH and POP3: failures on either count against the address.
+        self.login_throttle = LoginThrottle(
+            reactor,
+            doubling_delays(throttle.max_delay),
+            max_failures=throttle.max_failures,
+            window=throttle.window,
+            cooldown=throttle.cooldown,
+        )
+        self.pop_before_smtp = PopBeforeSMTP(reactor, config.pop3.pop_before_smtp)
         self.dns = DNSService(config.dns, lambda path, origin: load_zone(str(path), origin))
+        self.resolver = _inside_resolver(config, reactor)
+        inside_view = self.dns.view("inside")
+        self.mail = MailService(
+            config,
+            reactor,
+            self.directory.directory,
+            self.threads.run,
+            resolver=MailResolverAdapter(self.resolver, inside_view),
+            throttle=self.login_throttle,
+            pop_before_smtp=self.pop_before_smtp,
+        )
 
     def services(self) -> tuple[Service, ...]:
-        return (self.threads, self.tls, self.directory, self.mail, self.dns)
+        # Zones load before the mail runner starts: its lookups of inside names use them.
+        return (self.threads, self.tls, self.directory, self.dns, self.mail)
+
+
+def _inside_resolver(config: Config, reactor: Any) -> Resolver:
+    """The caching resolver behind the inside view and the mail delivery (D-3, R-1)."""
+    inside = config.dns.view("inside")
+    client = DNSClient(reactor, reactor, (inside.query_source if inside else None) or "127.0.0.1")
+    return Resolver(
+        DNSCache(reactor),
+        client,
+        reactor,
+        forwarders=inside.forwarders if inside else (),
+        forward_only=inside.forward_only if inside else False,
+        root_hints=str(inside.root_hints) if inside and inside.root_hints else (),
+    )
 
 
 def _tcp(
@@ -58,7 +110,11 @@ def _tcp(
 
 def _dns(components: Components, listener: Listener) -> Callable[[], IListeningPort]:
     view = components.dns.view(listener.side)
-    core = DNSServerCore(view, udp_size=components.config.dns.edns_buffer_size)
+    responder: Any = view
+    settings = components.config.dns.view(listener.side)
+    if listener.side == "inside" and settings is not None:
+        responder = RecursiveView(view, components.resolver, settings.allow_recursion)
+    core = DNSServerCore(responder, udp_size=components.config.dns.edns_buffer_size)
     reactor = components.reactor
     if listener.transport == "udp":
         return lambda: reactor.listenUDP(
@@ -82,9 +138,13 @@ def _pop3(components: Components, listener: Listener) -> Callable[[], IListening
         config.pop3.allow_plaintext_inside,
         listener.implicit_tls,
         components.reactor,
+        on_login=components.pop_before_smtp.on_login,
+        on_auth_failure=components.login_throttle.on_auth_failure,
+        failure_delay=components.login_throttle.failure_delay,
         run_io=components.threads.run,
     )
-    return _tcp(components, listener, factory)
+    gate = LockedOutGate(factory, components.login_throttle, POP3_LOCKED_OUT)
+    return _tcp(components, listener, gate)
 
 
 LISTENER_BUILDERS: dict[str, Callable[[Components, Listener], Callable[[], IListeningPort]]] = {

@@ -97,11 +97,22 @@ class ZoneConfig:
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """A DNS view, bound to the listeners of the side it is named after."""
+    """A DNS view, bound to the listeners of the side it is named after.
+
+    Only the inside view resolves names outside its zones (D-2, D-3): for
+    ``allow_recursion`` clients, through ``forwarders`` (only them when
+    ``forward_only``) or by iteration from ``root_hints``, sending from
+    ``query_source``.
+    """
 
     side: str
     zones: tuple[ZoneConfig, ...]
     allow_query: tuple[Network, ...]
+    allow_recursion: tuple[Network, ...] = ()
+    forwarders: tuple[tuple[str, int], ...] = ()
+    forward_only: bool = False
+    root_hints: Path | None = None
+    query_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,14 +158,56 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class LDAPConfig:
+    """``[directory.ldap]``: the fields of appliance.directory.ldap.LDAPSettings, same names."""
+
+    servers: tuple[str, ...]
+    base_dn: str
+    bind_dn: str = ""
+    bind_password: str = ""
+    user_filter: str = "(|(mail={address})(mailLocalAddress={address}))"
+    login_filter: str | None = None
+    login_attribute: str = "mail"
+    address_attributes: tuple[str, ...] = ("mail", "mailLocalAddress")
+    mailbox_attribute: str | None = None
+    starttls: bool = False
+    ca_file: str | None = None
+    verify: bool = True
+    timeout: float = 5.0
+    canary: str | None = None
+
+
+@dataclass(frozen=True)
 class DirectoryConfig:
     backend: str
     users: Path
+    ldap: LDAPConfig | None = None
 
 
 @dataclass(frozen=True)
 class POP3Config:
     allow_plaintext_inside: bool
+    #: Seconds a POP3 login lets that client address relay on port 25 (0: off; M-9).
+    pop_before_smtp: float = 0.0
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """``[submission]``: SMTP AUTH and the policy for authenticated mail (M-8)."""
+
+    auth_on_port_25: bool = False
+    allow_any_sender: bool = False
+    add_missing_headers: bool = True
+
+
+@dataclass(frozen=True)
+class LoginThrottleConfig:
+    """``[login_throttle]``: failed-login throttling per client address, SMTP AUTH and POP3."""
+
+    max_delay: float = 8.0
+    max_failures: int = 10
+    window: float = 900.0
+    cooldown: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +226,8 @@ class Config:
     delivery: DeliveryConfig
     directory: DirectoryConfig
     pop3: POP3Config
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    login_throttle: LoginThrottleConfig = field(default_factory=LoginThrottleConfig)
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def side(self, name: str) -> Side:
@@ -261,15 +316,28 @@ def _build(path: Path, top: Table, problems: Problems) -> Config:
     dns = _dns(top.table("dns"), sides)
     mail = _mail(top.table("mail"), hostname, state_dir)
     delivery = _delivery(top.table("delivery"))
-    directory_t = top.table("directory")
-    directory = DirectoryConfig(
-        backend=directory_t.string("backend", "file", choices=("file",)),
-        users=directory_t.path("users", "users", must_exist=True),
-    )
-    directory_t.done()
+    directory = _directory(top.table("directory"))
     pop3_t = top.table("pop3")
-    pop3 = POP3Config(allow_plaintext_inside=pop3_t.boolean("allow_plaintext_inside", False))
+    pop3 = POP3Config(
+        allow_plaintext_inside=pop3_t.boolean("allow_plaintext_inside", False),
+        pop_before_smtp=pop3_t.duration("pop_before_smtp", 0),
+    )
     pop3_t.done()
+    submission_t = top.table("submission")
+    submission = SubmissionConfig(
+        auth_on_port_25=submission_t.boolean("auth_on_port_25", False),
+        allow_any_sender=submission_t.boolean("allow_any_sender", False),
+        add_missing_headers=submission_t.boolean("add_missing_headers", True),
+    )
+    submission_t.done()
+    throttle_t = top.table("login_throttle")
+    login_throttle = LoginThrottleConfig(
+        max_delay=throttle_t.duration("max_delay", 8),
+        max_failures=throttle_t.integer("max_failures", 10, 1, 100000),
+        window=throttle_t.duration("window", "15m"),
+        cooldown=throttle_t.duration("cooldown", "15m"),
+    )
+    throttle_t.done()
 
     return Config(
         path=path,
@@ -284,7 +352,61 @@ def _build(path: Path, top: Table, problems: Problems) -> Config:
         delivery=delivery,
         directory=directory,
         pop3=pop3,
+        submission=submission,
+        login_throttle=login_throttle,
     )
+
+
+def _directory(table: Table) -> DirectoryConfig:
+    backend = table.string("backend", "file", choices=("file", "ldap"))
+    if backend == "ldap":
+        users = table.path("users", "users")
+        ldap_t = table.table("ldap", required=True)
+        optional = ldap_t.string
+        ldap = LDAPConfig(
+            servers=ldap_t.strings("servers"),
+            base_dn=ldap_t.string("base_dn"),
+            bind_dn=ldap_t.string("bind_dn", ""),
+            bind_password=ldap_t.string("bind_password", ""),
+            user_filter=ldap_t.string("user_filter", LDAPConfig.user_filter),
+            login_filter=optional("login_filter", "") or None,
+            login_attribute=ldap_t.string("login_attribute", "mail"),
+            address_attributes=ldap_t.strings("address_attributes", ("mail", "mailLocalAddress")),
+            mailbox_attribute=optional("mailbox_attribute", "") or None,
+            starttls=ldap_t.boolean("starttls", False),
+            ca_file=str(ldap_t.path("ca_file", "", must_exist=True))
+            if ldap_t.has("ca_file")
+            else None,
+            verify=ldap_t.boolean("verify", True),
+            timeout=ldap_t.duration("timeout", 5),
+            canary=optional("canary", "").lower() or None,
+        )
+        if not ldap.servers and ldap_t.has("servers"):
+            ldap_t.error("servers", "must list at least one ldap:// or ldaps:// URI")
+        for index, uri in enumerate(ldap.servers):
+            if not uri.lower().startswith(("ldap://", "ldaps://")):
+                ldap_t.error(f"servers[{index}]", f"{uri!r} is not an ldap:// or ldaps:// URI")
+        for key, template in (
+            ("user_filter", ldap.user_filter),
+            ("login_filter", ldap.login_filter),
+        ):
+            if template is None:
+                continue
+            try:
+                template.format(address="a@b", local="a", domain="b")
+            except (KeyError, IndexError, ValueError):
+                ldap_t.error(key, "may use only {address}, {local} and {domain} in braces")
+                continue
+            if "{address}" not in template and "{local}" not in template:
+                ldap_t.error(key, "must contain {address} (or {local} and {domain})")
+        if ldap.timeout <= 0:
+            ldap_t.error("timeout", "must be more than 0")
+        ldap_t.done()
+        table.done()
+        return DirectoryConfig(backend=backend, users=users, ldap=ldap)
+    config = DirectoryConfig(backend=backend, users=table.path("users", "users", must_exist=True))
+    table.done()
+    return config
 
 
 def _listeners(table: Table, sides: dict[str, Side]) -> tuple[Listener, ...]:
@@ -356,7 +478,33 @@ def _dns(table: Table, sides: dict[str, Side]) -> DNSConfig:
         default_query: tuple[str, ...] = ()
         if side == "inside":
             default_query = (*(str(n) for n in sides["inside"].networks), "127.0.0.0/8", "::1/128")
-        views.append(ViewConfig(side, tuple(zones), t.networks("allow_query", default_query)))
+        allow_query = t.networks("allow_query", default_query)
+        if side == "inside":
+            default_recursion = (
+                *(str(n) for n in sides["inside"].networks),
+                "127.0.0.0/8",
+                "::1/128",
+            )
+            source = t.string("query_source", (sides["inside"].addresses or ("",))[0])
+            if source:
+                try:
+                    source = str(ipaddress.ip_address(source))
+                except ValueError:
+                    t.error("query_source", f"{source!r} is not an IP address")
+            hints = t.path("root_hints", must_exist=True) if t.has("root_hints") else None
+            view = ViewConfig(
+                side,
+                tuple(zones),
+                allow_query,
+                allow_recursion=t.networks("allow_recursion", default_recursion),
+                forwarders=t.each("forwarders", (), _endpoint, "an address or address:port"),
+                forward_only=t.boolean("forward_only", False),
+                root_hints=hints,
+                query_source=source or None,
+            )
+        else:
+            view = ViewConfig(side, tuple(zones), allow_query)
+        views.append(view)
         t.done()
     buffer = table.integer("edns_buffer_size", 1232, 512, 4096)
     table.done()

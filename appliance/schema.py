@@ -8,8 +8,12 @@ placeholder so that checking can go on and find the next problem.
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import ipaddress
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -230,3 +234,54 @@ class Table:
         for name in self._data:
             if name not in self._seen:
                 self.error(name, "unknown setting")
+
+
+def read_dataclass(table: Table, cls: type[T], *, path_fields: tuple[str, ...] = ("path",)) -> T:
+    """Build the settings dataclass ``cls`` from ``table``: one key per field, field defaults apply.
+
+    Supported field types: str, int, float (a number or a duration such as
+    ``"5m"``), bool, ``str | None``, tuples of str, ``Mapping[str, float]``,
+    nested settings dataclasses (a sub-table) and tuples of them (an array of
+    tables).  Fields named in ``path_fields`` or ending in ``_file`` are paths
+    resolved against the config file's directory.  Unknown keys are errors.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not table.has(f.name):
+            table._seen.add(f.name)
+            continue
+        kind = hints[f.name]
+        values[f.name] = _read_field(table, f.name, kind, f.name in path_fields or f.name.endswith("_file"))
+    table.done()
+    return cls(**values)
+
+
+def _read_field(table: Table, name: str, kind: Any, is_path: bool) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        (kind,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return read_dataclass(table.table(name), kind)  # type: ignore[arg-type]
+    if origin is tuple and args and dataclasses.is_dataclass(args[0]):
+        return tuple(read_dataclass(t, args[0]) for t in table.tables(name))  # type: ignore[arg-type]
+    if origin is tuple:
+        return table.strings(name)
+    if origin in (Mapping, collections.abc.Mapping, dict):
+        sub = table.table(name)
+        return {key: sub.duration(key) for key in sub.keys()}
+    if kind is bool:
+        return table.boolean(name)
+    if kind is int:
+        return table.integer(name, low=-(2**31))
+    if kind is float:
+        return table.duration(name)
+    if kind is str:
+        if is_path:
+            return str(table.path(name))
+        return table.string(name)
+    table.error(name, f"cannot be set in this file (type {kind})")
+    return None

@@ -21,6 +21,8 @@ from twisted.logger import Logger
 
 from appliance.config import Config, Listener
 from appliance.directory.base import Directory
+from appliance.directory.popbeforesmtp import PopBeforeSMTP
+from appliance.directory.throttle import LoginThrottle
 from appliance.mail.aliases import AliasTable, load_aliases
 from appliance.mail.local import LocalRecipients
 from appliance.mail.outbound import BounceWriter, RemoteDelivery, postmaster_address
@@ -30,6 +32,7 @@ from appliance.mail.routing import Route, Router, parse_target
 from appliance.mail.runner import QueueRunner
 from appliance.mail.smtp import SMTPServerFactory
 from appliance.mail.smtp_client import OutboundSettings, tcp_endpoint
+from appliance.mail.submission import SenderPolicy
 
 log = Logger(namespace="appliance.mail")
 
@@ -42,12 +45,20 @@ def _aliases(config: Config) -> AliasTable:
     return load_aliases(config.mail.aliases)
 
 
-def _relay_policy(config: Config) -> RelayPolicy:
+def _relay_policy(config: Config, pop_before_smtp: PopBeforeSMTP | None = None) -> RelayPolicy:
     return RelayPolicy(
         config.inside.networks,
         config.mail.local_domains,
         config.mail.relay_domains,
         config.mail.hostnames,
+        inside_predicates=(pop_before_smtp,) if pop_before_smtp is not None else (),
+    )
+
+
+def _sender_policy(config: Config) -> SenderPolicy:
+    return SenderPolicy(
+        allow_any_sender=config.submission.allow_any_sender,
+        extension_separators=config.mail.extension_separators,
     )
 
 
@@ -109,13 +120,17 @@ class MailService(Service):
         directory: Directory,
         blocking: Blocking | None,
         resolver: Any = None,
+        throttle: LoginThrottle | None = None,
+        pop_before_smtp: PopBeforeSMTP | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self.directory = directory
+        self.throttle = throttle
+        self.pop_before_smtp = pop_before_smtp
         self.spool = Spool(config.mail.spool, reactor, blocking=blocking)
         self.recipients = _recipients(config, directory, _aliases(config))
-        self.relay = _relay_policy(config)
+        self.relay = _relay_policy(config, pop_before_smtp)
         self.remote: RemoteDelivery | None = None
         if resolver is not None:
             self.remote = RemoteDelivery(
@@ -150,6 +165,8 @@ class MailService(Service):
     def smtp_factory(self, listener: Listener, tls: Any) -> SMTPServerFactory:
         """The factory for one SMTP-speaking listener (port 25, submission or SMTPS)."""
         submission = listener.role in ("submission", "smtps")
+        # AUTH on port 25 is opt-in; it is offered only after STARTTLS either way.
+        auth = submission or self.config.submission.auth_on_port_25
         factory = SMTPServerFactory(
             "submission" if submission else listener.side,
             self.config.hostname,
@@ -162,6 +179,10 @@ class MailService(Service):
             max_recipients=self.config.mail.max_recipients,
             implicit_tls=listener.implicit_tls,
             require_auth=submission,
+            authenticator=self.directory if auth else None,
+            throttle=self.throttle,
+            sender_policy=_sender_policy(self.config),
+            complete_headers=self.config.submission.add_missing_headers,
         )
         self.factories.append(factory)
         return factory
@@ -182,8 +203,10 @@ class MailService(Service):
 
     def reconfigure(self, config: Config) -> None:
         recipients = _recipients(config, self.directory, _aliases(config))
-        relay = _relay_policy(config)
+        relay = _relay_policy(config, self.pop_before_smtp)
         self.config, self.recipients, self.relay = config, recipients, relay
+        if self.pop_before_smtp is not None:
+            self.pop_before_smtp.duration = config.pop3.pop_before_smtp
         self.runner.recipients = recipients
         self.runner.retry_intervals = config.delivery.retry_intervals
         self.runner.lifetime = config.delivery.lifetime
@@ -194,4 +217,6 @@ class MailService(Service):
         for factory in self.factories:
             factory.recipients = recipients
             factory.relay = relay
+            factory.sender_policy = _sender_policy(config)
+            factory.complete_headers = config.submission.add_missing_headers
         log.info("mail: aliases and domains reloaded")

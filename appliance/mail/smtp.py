@@ -13,6 +13,12 @@ it (RFC 5321 4.1.1.4); every bare-LF or bare-CR variant of a terminator (the
 the content are stored normalised to CRLF, as Postfix does, so the spool only
 ever holds CRLF lines and the outbound client's dot-stuffing makes any "."
 line harmless downstream.  A message is never split.
+
+AUTH (RFC 4954; PLAIN and LOGIN from appliance.mail.auth) is offered only
+when the factory has an authenticator and only under TLS; wrong passwords
+go through the shared LoginThrottle.  After AUTH the factory's
+SenderPolicy judges MAIL FROM, and the header block of the message is held
+back just long enough to add a missing Date and Message-ID (RFC 6409 8).
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from appliance.directory.base import DirectoryUnavailable, User
+from appliance.directory.throttle import LoginThrottle
 from appliance.mail.address import (
     AddressError,
     Path,
@@ -37,8 +46,19 @@ from appliance.mail.address import (
     parse_mail_from,
     parse_rcpt_to,
 )
+from appliance.mail.auth import (
+    MECHANISMS,
+    Authenticator,
+    Credentials,
+    Exchange,
+    SASLError,
+    decode_response,
+    encode_challenge,
+    new_exchange,
+)
 from appliance.mail.interfaces import Envelope, IncomingMessage, MessageStore, RecipientCheck, Reply
 from appliance.mail.relay import RelayPolicy
+from appliance.mail.submission import HeaderCompleter, SenderPolicy
 
 log = Logger(namespace="appliance.mail.smtp")
 
@@ -47,6 +67,8 @@ MAX_COMMAND_LINE = 512
 #: RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
 MAX_TEXT_LINE = 998
 DEFAULT_MAX_MESSAGE_SIZE = 10_240_000
+#: RFC 4954 4: a SASL response line may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
 #: Input held while a check is pending; a paused transport never gets near it.
 MAX_PIPELINED_INPUT = 1 << 20
 
@@ -96,6 +118,8 @@ class SMTPServer(Protocol):
         self.esmtp = False
         self.tls = factory.implicit_tls
         self.authenticated_user: str | None = None
+        #: The directory's User after a successful AUTH (sender ownership, header completion).
+        self.auth_user: User | None = None
         self._sender: str | None = None
         self._mail_parameters: dict[str, str] = {}
         self._recipients: list[str] = []
@@ -120,6 +144,7 @@ class SMTPServer(Protocol):
         self._data_size = 0
         self._data_error: Reply | None = None
         self._pending_cr = False
+        self._headers: HeaderCompleter | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -292,6 +317,8 @@ class SMTPServer(Protocol):
                 return False
             self._pos = end + 2
             self._discarding_line = False
+            self._interceptor = None
+            self._end_sasl_line()
             self.reply(500, "5.5.2", "Error: line too long")
             self._check_errors()
             return True
@@ -395,7 +422,13 @@ class SMTPServer(Protocol):
         ]
         if self.factory.tls_options is not None and not self.tls:
             keywords.append("STARTTLS")
+        if self.auth_offered():
+            keywords.append("AUTH " + " ".join(MECHANISMS))
         return keywords
+
+    def auth_offered(self) -> bool:
+        """AUTH is offered only with an authenticator and only under TLS (RFC 4954 4, M-8)."""
+        return self.factory.authenticator is not None and self.tls
 
     def protocol_name(self) -> str:
         """The RFC 3848 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA."""
@@ -415,11 +448,21 @@ class SMTPServer(Protocol):
         self.client_helo = None
         self.esmtp = False
         self.authenticated_user = None
+        self.auth_user = None
         self._interceptor = None
+        self._end_sasl_line()
 
     def check_sender(self, path: Path) -> Deferred[Reply | None] | None:
-        """Sender policy hook: None or a Deferred firing None to accept, or with the refusal."""
-        return None
+        """Sender policy hook: None or a Deferred firing None to accept, or with the refusal.
+
+        After AUTH the factory's SenderPolicy decides (RFC 6409 and M-8: a
+        user sends only as their own addresses).
+        """
+        policy = self.factory.sender_policy
+        if policy is None or self.auth_user is None:
+            return None
+        refusal = policy.check(self.auth_user, path.address)
+        return None if refusal is None else succeed(refusal)
 
     def _refuse(self, stage: str, reply: Reply, **details: str) -> None:
         log.info(
@@ -546,6 +589,12 @@ class SMTPServer(Protocol):
             return
         self._message = message
         self._queue_id = message.queue_id
+        self._headers = None
+        if self.authenticated_user is not None and self.factory.complete_headers:
+            # RFC 6409 8.3, 8.4: a submitted message gets Date and Message-ID if it lacks them.
+            self._headers = HeaderCompleter(
+                self.factory.hostname, self.factory.clock.seconds(), message.queue_id
+            )
         try:
             message.write(self._received_header(message.queue_id))
         except Exception:
@@ -619,6 +668,148 @@ class SMTPServer(Protocol):
         self.transport.startTLS(options)
         self.tls = True
         self.reset_session()
+
+    # ------------------------------------------------------------------ AUTH (RFC 4954)
+
+    def cmd_AUTH(self, argument: str) -> Deferred[None] | None:
+        if self.factory.authenticator is None:
+            self.reply(500, "5.5.2", "Error: command not recognized")
+            return None
+        if not self.tls:
+            # RFC 4954 6: never accept a password in the clear (M-8).
+            self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return None
+        if not self.esmtp:
+            self.reply(503, "5.5.1", "Error: send EHLO first")
+            return None
+        if self.authenticated_user is not None:
+            self.reply(503, "5.5.1", "Error: already authenticated")
+            return None
+        if self._sender is not None:
+            self.reply(503, "5.5.1", "Error: MAIL transaction in progress")
+            return None
+        parts = argument.strip(" ").split(" ")
+        if not parts[0] or len(parts) > 2:
+            self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+            return None
+        exchange = new_exchange(parts[0])
+        if exchange is None:
+            self.reply(504, "5.5.4", "Unrecognized authentication type")
+            return None
+        throttle = self.factory.throttle
+        if throttle is not None and throttle.blocked(self.client_ip):
+            log.info("AUTH refused: {client} is throttled", client=self.client_ip)
+            self.reply(454, "4.7.0", "Too many failed authentication attempts, try again later")
+            return None
+        initial: bytes | None = None
+        if len(parts) == 2:
+            if parts[1] == "=":
+                initial = b""
+            else:
+                try:
+                    initial = decode_response(parts[1].encode("latin-1"))
+                except SASLError:
+                    self.reply(501, "5.5.2", "Cannot decode response")
+                    return None
+        return self._sasl_step(exchange, initial)
+
+    def _end_sasl_line(self) -> None:
+        """Back to the class's command line limit after a SASL response line."""
+        self.__dict__.pop("max_line_length", None)
+
+    def _sasl_step(self, exchange: Exchange, response: bytes | None) -> Deferred[None] | None:
+        try:
+            result = exchange.step(response)
+        except SASLError as error:
+            log.info(
+                "AUTH {mechanism} from {client}: malformed response: {error}",
+                mechanism=exchange.name,
+                client=self.client_ip,
+                error=str(error),
+            )
+            self.reply(501, "5.5.2", "Error: malformed authentication response")
+            return None
+        if isinstance(result, Credentials):
+            return self._check_credentials(exchange.name, result)
+        self.reply(334, None, encode_challenge(result))
+        self.max_line_length = MAX_AUTH_LINE
+        self.intercept_next_line(lambda line: self._sasl_continue(exchange, line))
+        return None
+
+    def _sasl_continue(self, exchange: Exchange, line: bytes) -> Deferred[None] | None:
+        self._end_sasl_line()
+        if line.strip(b" ") == b"*":
+            self.reply(501, "5.7.0", "Authentication aborted")
+            return None
+        try:
+            response = decode_response(line)
+        except SASLError:
+            self.reply(501, "5.5.2", "Cannot decode response")
+            return None
+        return self._sasl_step(exchange, response)
+
+    def _check_credentials(self, mechanism: str, credentials: Credentials) -> Deferred[None]:
+        authenticator = self.factory.authenticator
+        assert authenticator is not None
+        login = credentials.login
+        if credentials.authzid and credentials.authzid.lower() != login.lower():
+            # Acting as another user (proxy authorisation) is not offered.
+            checked: Deferred[User | None] = succeed(None)
+        else:
+            checked = maybeDeferred(authenticator.authenticate, login, credentials.password)
+        result: Deferred[None] = checked.addCallbacks(
+            self._auth_checked,
+            self._auth_error,
+            callbackArgs=(mechanism, login),
+            errbackArgs=(login,),
+        )
+        return result
+
+    def _auth_checked(self, user: User | None, mechanism: str, login: str) -> Deferred[None] | None:
+        if self._mode is _Mode.CLOSED:
+            return None
+        throttle = self.factory.throttle
+        if user is None:
+            delay = 0.0
+            if throttle is not None:
+                delay = throttle.record_failure(self.client_ip, login, "smtp")
+            else:
+                log.warn(
+                    "auth failure: service=smtp client={client} login=<{login}>",
+                    client=self.client_ip,
+                    login=login[:100],
+                )
+            if delay > 0:
+                return deferLater(self.factory.clock, delay, self._auth_failed)
+            self._auth_failed()
+            return None
+        self.authenticated_user = user.login
+        self.auth_user = user
+        if throttle is not None:
+            throttle.record_success(self.client_ip, user.login, "smtp")
+        log.info(
+            "AUTH {mechanism} from {client}: authenticated as {login}",
+            mechanism=mechanism,
+            client=self.client_ip,
+            login=user.login,
+        )
+        self.reply(235, "2.7.0", "Authentication successful")
+        return None
+
+    def _auth_failed(self) -> None:
+        self.reply(535, "5.7.8", "Error: authentication failed")
+
+    def _auth_error(self, failure: Failure, login: str) -> None:
+        if failure.check(DirectoryUnavailable):
+            log.warn(
+                "AUTH from {client} for {login}: directory unavailable: {error}",
+                client=self.client_ip,
+                login=login[:100],
+                error=failure.getErrorMessage(),
+            )
+        else:
+            log.failure("AUTH check failed for {client}", failure, client=self.client_ip)
+        self.reply(454, "4.7.0", "Temporary authentication failure")
 
     # ------------------------------------------------------------------ DATA
 
@@ -729,8 +920,11 @@ class SMTPServer(Protocol):
             self._data_failed(Reply(552, "5.3.4", "Error: message too big for system"))
             return
         assert self._message is not None
+        if self._headers is not None:
+            chunk = self._headers.feed(chunk)
         try:
-            self._message.write(chunk)
+            if chunk:
+                self._message.write(chunk)
         except Exception:
             log.failure("Spool write failed for {queue_id}", queue_id=self._message.queue_id)
             self._data_failed(Reply(452, "4.3.1", "Error: insufficient system storage"))
@@ -751,6 +945,13 @@ class SMTPServer(Protocol):
     def _end_data(self) -> None:
         if self._pending_cr:
             self._data_content(b"\n")
+        headers, self._headers = self._headers, None
+        if headers is not None and self._data_error is None and self._message is not None:
+            try:
+                self._message.write(headers.finish())
+            except Exception:
+                log.failure("Spool write failed for {queue_id}", queue_id=self._message.queue_id)
+                self._data_failed(Reply(452, "4.3.1", "Error: insufficient system storage"))
         self._mode = _Mode.COMMAND
         message, self._message = self._message, None
         sender = self._sender or ""
@@ -826,6 +1027,11 @@ class SMTPServerFactory(Factory):
     endpoint already wraps the connection in TLS (port 465); ``require_tls``
     refuses MAIL before STARTTLS; ``require_auth`` refuses MAIL before AUTH
     (the submission listeners).  ``clock`` drives the idle timeout.
+    ``authenticator`` (the directory) enables AUTH PLAIN/LOGIN, offered only
+    under TLS; ``throttle`` (a LoginThrottle shared with POP3) slows and
+    then refuses clients that keep failing; ``sender_policy`` limits an
+    authenticated user to their own envelope senders; ``complete_headers``
+    adds Date and Message-ID to authenticated mail lacking them.
     ``max_connections`` and ``max_connections_per_client`` (MISSION M-11)
     turn extra sessions away with ``421 4.7.0`` at connect time.
     """
@@ -851,6 +1057,10 @@ class SMTPServerFactory(Factory):
         implicit_tls: bool = False,
         max_connections: int | None = None,
         max_connections_per_client: int | None = None,
+        authenticator: Authenticator | None = None,
+        throttle: LoginThrottle | None = None,
+        sender_policy: SenderPolicy | None = None,
+        complete_headers: bool = True,
     ) -> None:
         self.listener_name = listener_name
         self.hostname = hostname
@@ -869,6 +1079,10 @@ class SMTPServerFactory(Factory):
         self.implicit_tls = implicit_tls
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
+        self.authenticator = authenticator
+        self.throttle = throttle
+        self.sender_policy = sender_policy
+        self.complete_headers = complete_headers
         self.connections = 0
         self.connections_by_client: dict[str, int] = {}
 
