@@ -9,6 +9,7 @@ latin-1), so ``\\DDD`` escapes and raw 8-bit octets round-trip.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from appliance.dns.rr import ROOT, canonical
@@ -62,6 +63,16 @@ def from_labels(parts: list[bytes]) -> bytes:
 
 def _parse_labels(text: str) -> tuple[list[bytes], bool]:
     """Split presentation text into label octets; also say whether it ended with a dot."""
+    if "\\" not in text:
+        # Fast path: no escapes, so dots are separators and characters are octets.
+        absolute = text.endswith(".")
+        body = text[:-1] if absolute else text
+        if absolute and not body:
+            return [], True
+        try:
+            return [p.encode("latin-1") for p in body.split(".")], absolute
+        except UnicodeEncodeError as e:
+            raise NameSyntaxError("character outside one octet") from e
     parts: list[bytes] = []
     cur = bytearray()
     i = 0
@@ -278,7 +289,7 @@ def relativize_text(name: bytes, origin: bytes) -> str:
     return to_text(name, origin)
 
 
-_HOST_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+_HOST_LABEL = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 
 
 def is_hostname(name: bytes, wildcard: bool = False) -> bool:
@@ -290,12 +301,7 @@ def is_hostname(name: bytes, wildcard: bool = False) -> bool:
     labs = labels(name)
     if wildcard and labs and labs[0] == b"*":
         labs = labs[1:]
-    for lab in labs:
-        if not all(b in _HOST_OK for b in lab):
-            return False
-        if lab[0] == 0x2D or lab[-1] == 0x2D:
-            return False
-    return True
+    return all(_HOST_LABEL.fullmatch(lab) for lab in labs)
 
 
 def is_mailbox(name: bytes) -> bool:

@@ -14,7 +14,10 @@ rdata fold the case of names for the types of RFC 4034 section 6.2.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -85,6 +88,8 @@ TYPES: dict[str, int] = {
     "NSEC": 47,
     "DNSKEY": 48,
     "TLSA": 52,
+    "CDS": 59,
+    "CDNSKEY": 60,
     "SPF": 99,
     "IXFR": 251,
     "AXFR": 252,
@@ -267,18 +272,16 @@ def _need(tokens: list[Token], n: int, what: str) -> None:
         raise RdataError(f"{what}: extra fields {' '.join(t.text for t in tokens[n:])!r}")
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
 def _p_a(tokens: list[Token], origin: bytes) -> bytes:
     _need(tokens, 1, "A")
     text = tokens[0].text
-    parts = text.split(".")
-    if len(parts) != 4 or not all(
-        p.isdigit() and p.isascii() and len(p) <= 3 and (p == "0" or p[0] != "0") for p in parts
-    ):
+    if not _IPV4.fullmatch(text):
         raise RdataError(f"bad IPv4 address {text!r}")
-    vals = [int(p) for p in parts]
-    if any(v > 255 for v in vals):
-        raise RdataError(f"bad IPv4 address {text!r}")
-    return bytes(vals)
+    return bytes(map(int, text.split(".")))
 
 
 def _p_aaaa(tokens: list[Token], origin: bytes) -> bytes:
@@ -384,6 +387,29 @@ def _p_tlsa(tokens: list[Token], origin: bytes) -> bytes:
     return bytes(vals) + _hex(tokens[3:])
 
 
+def _p_dnskey(tokens: list[Token], origin: bytes) -> bytes:
+    if len(tokens) < 4:
+        raise RdataError("DNSKEY: too few fields")
+    flags = _uint(tokens[0].text, 16, "flags")
+    proto = _uint(tokens[1].text, 8, "protocol")
+    alg = _uint(tokens[2].text, 8, "algorithm")
+    text = "".join(t.text for t in tokens[3:])
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RdataError(f"bad base64 key {text!r}") from e
+    return struct.pack("!HBB", flags, proto, alg) + key
+
+
+def _p_uri(tokens: list[Token], origin: bytes) -> bytes:
+    _need(tokens, 3, "URI")
+    prio = _uint(tokens[0].text, 16, "priority")
+    weight = _uint(tokens[1].text, 16, "weight")
+    if not tokens[2].quoted:
+        raise RdataError("URI target must be quoted")
+    return struct.pack("!HH", prio, weight) + unescape(tokens[2].text)
+
+
 def _p_naptr(tokens: list[Token], origin: bytes) -> bytes:
     _need(tokens, 6, "NAPTR")
     order = _uint(tokens[0].text, 16, "order")
@@ -417,7 +443,11 @@ PARSERS: dict[int, Parser] = {
     39: _p_name,
     43: _p_ds,
     44: _p_sshfp,
+    48: _p_dnskey,
     52: _p_tlsa,
+    59: _p_ds,
+    60: _p_dnskey,
+    256: _p_uri,
     99: _p_txt,
     257: _p_caa,
 }
@@ -603,7 +633,13 @@ def _to_text(rtype: int, rdata: bytes) -> str:
         tag_len = rdata[1]
         tag = rdata[2 : 2 + tag_len].decode("latin-1")
         return f"{rdata[0]} {tag} {_charstring_text(rdata[2 + tag_len :])}"
-    if rtype == 43 and len(rdata) > 4:
+    if rtype in (48, 60) and len(rdata) > 4:
+        flags, proto, alg = struct.unpack("!HBB", rdata[:4])
+        return f"{flags} {proto} {alg} {base64.b64encode(rdata[4:]).decode('ascii')}"
+    if rtype == 256 and len(rdata) >= 4:
+        prio, weight = struct.unpack("!HH", rdata[:4])
+        return f"{prio} {weight} {_charstring_text(rdata[4:])}"
+    if rtype in (43, 59) and len(rdata) > 4:
         tag, alg, dig = struct.unpack("!HBB", rdata[:4])
         return f"{tag} {alg} {dig} {rdata[4:].hex().upper()}"
     if rtype == 44 and len(rdata) > 2:

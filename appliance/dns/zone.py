@@ -1,15 +1,23 @@
 """An authoritative zone in memory and the lookup algorithm that answers from it.
 
 ``Zone.lookup`` follows RFC 1034 4.3.2 as BIND 9.18 applies it to an
-authoritative-only server: zone cuts give referrals (AA off, NS in authority,
-glue in additional), DNAME rewrites names below its owner (RFC 6672 3.3,
-synthesised CNAME with the DNAME's TTL), CNAME chains are followed inside the
-zone (bounded), wildcards synthesise records where no name exists (RFC 4592;
-empty non-terminals block them), negative answers carry the SOA with TTL
-min(SOA TTL, MINIMUM) (RFC 2308 3), positive answers carry the apex NS in
-authority, and A/AAAA for NS, MX and SRV targets in this zone go in the
-additional section.  Data is indexed by canonical (lower-case) wire name in
-plain dictionaries so lookups allocate little.
+authoritative-only server (checked against a live named and the Ferret
+corpus): zone cuts give referrals (AA off, NS in authority, glue in
+additional); DNAME rewrites names below its owner (RFC 6672 3.3, synthesised
+CNAME with the DNAME's TTL, YXDOMAIN when the result is too long); CNAME
+chains are followed inside the zone, at most 12 CNAMEs, and a loop or a longer
+chain gives SERVFAIL with the chain so far; wildcards synthesise records where
+no name exists (RFC 4592; empty non-terminals block them, an empty wildcard
+gives NODATA); negative answers carry the SOA with TTL min(SOA TTL, MINIMUM)
+(RFC 2308 3; TTL 0 for an SOA query that ends in NXDOMAIN); positive answers
+carry the apex NS in authority; authoritative A/AAAA for NS, MX and SRV
+targets go in the additional section (none for ANY).  Data is indexed by
+canonical (lower-case) wire name in plain dictionaries so lookups allocate
+little.
+
+``LookupResult.extra`` may say why a chain stopped: ``chain_out`` (the name
+the chain left the zone at, for a view that serves the next zone), ``loop`` or
+``chain_limit``.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from appliance.dns.rr import CLASS_IN, RR, LookupResult, RCode, canonical
 
 __all__ = ["Zone", "ZoneSet", "load_zone"]
 
-MAX_CHAIN = 17  # lookups per query: BIND 9.18 answers 17 chained CNAMEs, then stops
+# Lookups per query: BIND 9.18 follows at most 11 restarts (12 CNAMEs), then SERVFAIL.
+MAX_CHAIN = 12
 _T_NS = 2
 _T_CNAME = 5
 _T_SOA = 6
@@ -38,7 +47,11 @@ _EMPTY: dict[int, RRSet] = {}
 
 
 class Zone:
-    """One zone's data: ``origin`` (wire name), RRsets by canonical owner, SOA and serial."""
+    """One zone's data: ``origin`` (wire name), RRsets by canonical owner, SOA and serial.
+
+    ``records`` come from the zone-file loader or a zone transfer; records
+    outside the origin are ignored (RFC 1035 4.3.2 step 2 never reaches them).
+    """
 
     def __init__(self, origin: bytes, records: Iterable[RR], warnings: Iterable[str] = ()) -> None:
         self.origin = origin
@@ -46,7 +59,9 @@ class Zone:
         self.warnings = list(warnings)
         grouped: dict[bytes, dict[int, list[RR]]] = {}
         for rr in records:
-            grouped.setdefault(canonical(rr.name), {}).setdefault(rr.rtype, []).append(rr)
+            key = canonical(rr.name)
+            if self._relative(key) is not None:
+                grouped.setdefault(key, {}).setdefault(rr.rtype, []).append(rr)
         self._nodes: dict[bytes, dict[int, RRSet]] = {
             k: {t: tuple(v) for t, v in types.items()} for k, types in grouped.items()
         }
@@ -72,9 +87,12 @@ class Zone:
         self.soa: RR = soa[0]
         self.apex_ns: RRSet = apex.get(_T_NS, ())
         minimum = int.from_bytes(self.soa.rdata[-4:], "big")
+        # Additional-section addresses per target name as written (the zone never changes).
+        self._addr_cache: dict[bytes, RRSet] = {}
         self._neg_soa = RR(
             self.soa.name, _T_SOA, self.soa.rclass, min(self.soa.ttl, minimum), self.soa.rdata
         )
+        self._nx_soa_zero = self._neg_soa._replace(ttl=0)
 
     @property
     def serial(self) -> int:
@@ -111,10 +129,13 @@ class Zone:
         for _ in range(MAX_CHAIN):
             ckey = canonical(cur)
             if ckey in seen:
-                break  # a loop: answer what we have, like BIND, without authority data
+                # A CNAME/DNAME loop: BIND 9.18 answers the chain so far with SERVFAIL.
+                return LookupResult(RCode.SERVFAIL, True, tuple(answer), (), (), {"loop": cur})
             seen.add(ckey)
-            rel = names.strip_suffix(ckey, self.apex)
+            rel = self._relative(ckey)
             if rel is None:
+                if not answer:
+                    return LookupResult(RCode.REFUSED, False)  # not a name of this zone
                 # The chain left the zone: no authority data (as BIND); a view may go on from here.
                 return LookupResult(rcode, True, tuple(answer), (), (), {"chain_out": cur})
             if self._special and rel:
@@ -125,7 +146,8 @@ class Zone:
                         return self._referral(answer, key)
                     # DNAME (RFC 6672 3.3): answer the DNAME and a CNAME to the rewritten name.
                     dname = self._nodes[key][_T_DNAME][0]
-                    answer.append(dname)
+                    if dname not in answer:
+                        answer.append(dname)
                     prefix_len = len(ckey) - len(key)
                     try:
                         target = names.concat(cur[:prefix_len], dname.rdata)
@@ -133,7 +155,9 @@ class Zone:
                         return self._final(answer, YXDOMAIN, ())
                     answer.append(RR(cur, _T_CNAME, dname.rclass, dname.ttl, target))
                     if qtype == _T_CNAME:
-                        return self._final(answer, rcode, None)
+                        return self._final(answer, rcode, None)  # the CNAME is the answer
+                    if qtype == _T_ANY:
+                        return LookupResult(rcode, True, tuple(answer), self._auth_ns(answer))
                     cur = target
                     continue
             node = self._nodes.get(ckey)
@@ -143,7 +167,9 @@ class Zone:
                     return self._final(answer, rcode, (self._neg_soa,))  # empty non-terminal
                 node = self._wildcard(ckey)
                 if node is None:
-                    return self._final(answer, RCode.NXDOMAIN, (self._neg_soa,))
+                    # BIND sends the SOA with TTL 0 when an SOA query ends in NXDOMAIN.
+                    soa = self._nx_soa_zero if qtype == _T_SOA else self._neg_soa
+                    return self._final(answer, RCode.NXDOMAIN, (soa,))
                 wildcard = True
             if qtype == _T_ANY and node:
                 for each in node.values():
@@ -163,7 +189,7 @@ class Zone:
                 cur = cname[0].rdata
                 continue
             return self._final(answer, rcode, (self._neg_soa,))
-        return LookupResult(rcode, True, tuple(answer), (), (), {"chain_limit": cur})
+        return LookupResult(RCode.SERVFAIL, True, tuple(answer), (), (), {"chain_limit": cur})
 
     def _find_special(self, ckey: bytes, rel: bytes, qtype: int) -> tuple[bytes, int] | None:
         """The highest delegation or DNAME on the way down from the apex to ``ckey``."""
@@ -237,8 +263,10 @@ class Zone:
 
     def _occluded(self, key: bytes) -> bool:
         """True if ``key`` is at or below a zone cut (glue) or below a DNAME (RFC 6672 2.3)."""
-        rel = names.strip_suffix(key, self.apex)
-        if not rel or not self._special:
+        if not self._special:
+            return False
+        rel = self._relative(key)
+        if not rel:
             return False
         for off in names.label_offsets(rel + b"\x00")[:-1]:
             kind = self._special.get(key[off:])
@@ -259,26 +287,48 @@ class Zone:
         return tuple(out)
 
     def _addresses(self, target: bytes, out: list[RR], done: set[bytes], answer: list[RR]) -> None:
-        """Authoritative A/AAAA of one target (wildcards apply, glue does not), as BIND adds them."""
+        """Add the target's addresses unless already present (in ``done`` or the answer)."""
         key = canonical(target)
         if key in done:
             return
         done.add(key)
-        if names.strip_suffix(key, self.apex) is None or self._occluded(key):
-            return
+        found = self._addr_cache.get(target)
+        if found is None:
+            found = self._addr_cache[target] = self._find_addresses(target, key)
+        for rr in found:
+            if rr not in answer:
+                out.append(rr)
+
+    def _find_addresses(self, target: bytes, key: bytes) -> RRSet:
+        """Authoritative A/AAAA of one target (wildcards apply, glue does not), as BIND adds them."""
+        if self._relative(key) is None or self._occluded(key):
+            return ()
         node = self._nodes.get(key)
         wildcard = False
         if node is None:
             if key in self._names:
-                return
+                return ()
             node = self._wildcard(key)
             if not node:
-                return
+                return ()
             wildcard = True
+        found: list[RR] = []
         for t in _ADDR_TYPES:
             rrset = node.get(t)
-            if rrset and rrset[0] not in answer:
-                self._add(out, rrset, target, wildcard)
+            if rrset:
+                self._add(found, rrset, target, wildcard)
+        return tuple(found)
+
+    def _relative(self, ckey: bytes) -> bytes | None:
+        """The labels of canonical ``ckey`` above the apex, or None if not in this zone."""
+        apex = self.apex
+        if not ckey.endswith(apex):
+            return None
+        cut = len(ckey) - len(apex)
+        i = 0
+        while i < cut:
+            i += ckey[i] + 1
+        return ckey[:cut] if i == cut else None
 
 
 def _target(rr: RR) -> bytes:

@@ -15,6 +15,7 @@ raised together as one ``ZoneFileError``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ __all__ = ["LoadedZone", "ZoneFileError", "load", "load_text", "tokenize"]
 
 MAX_TTL = 0x7FFFFFFF
 MAX_INCLUDE_DEPTH = 16
+MAX_GENERATE = 65536  # records per $GENERATE line: a typo must not exhaust memory
 
 # Types that may share a name with a CNAME (RFC 2181 10.1, RFC 4035 2.5).
 _CNAME_OK = frozenset({24, 25, 30, 46, 47})
@@ -60,6 +62,18 @@ class Entry:
     blank_owner: bool
 
 
+# One alternative per token kind; every character of the text falls in exactly one match.
+# Only space, tab, CR and LF separate tokens (latin-1 NBSP and the like are data).
+_TOKEN_RE = re.compile(
+    r"(?P<nl>\n)"
+    r"|(?P<ws>[ \t\r]+)"
+    r"|(?P<comment>;[^\n]*)"
+    r"|(?P<paren>[()])"
+    r'|"(?P<q>(?:[^"\\\n]|\\[\s\S]|\\\Z)*)(?P<qend>")?'
+    r'|(?P<word>(?:[^ \t\r\n"();\\]|\\[\s\S]|\\\Z)+)'
+)
+
+
 def tokenize(text: str, filename: str, errors: list[ZoneFileError]) -> Iterator[Entry]:
     """Split zone-file text into logical lines (RFC 1035 5.1).
 
@@ -67,97 +81,45 @@ def tokenize(text: str, filename: str, errors: list[ZoneFileError]) -> Iterator[
     starts a new (quoted) token, and backslash escapes are kept in the token
     text for the field parsers.  Syntax errors are appended to ``errors``.
     """
-    i = 0
-    n = len(text)
     line = 1
     depth = 0
     tokens: list[Token] = []
-    cur: list[str] = []
     entry_line = 1
     blank_owner = False
     at_line_start = True
-
-    def flush() -> None:
-        if cur:
-            tokens.append(Token("".join(cur), False))
-            cur.clear()
-
-    while i < n:
-        c = text[i]
+    for m in _TOKEN_RE.finditer(text):
+        kind = m.lastgroup
         if at_line_start and depth == 0:
             at_line_start = False
             entry_line = line
-            blank_owner = c in " \t"
-        if c == "\n":
-            flush()
+            blank_owner = kind == "ws" and m.group()[0] in " \t"
+        if kind == "nl":
             line += 1
-            i += 1
             if depth == 0:
                 if tokens:
                     yield Entry(tokens, entry_line, blank_owner)
-                tokens = []
+                    tokens = []
                 at_line_start = True
-            continue
-        if c in " \t\r":
-            flush()
-            i += 1
-            continue
-        if c == ";":
-            flush()
-            while i < n and text[i] != "\n":
-                i += 1
-            continue
-        if c == "(":
-            flush()
-            depth += 1
-            i += 1
-            continue
-        if c == ")":
-            flush()
-            if depth == 0:
+        elif kind == "word":
+            word = m.group()
+            tokens.append(Token(word, False))
+            if "\n" in word:
+                line += word.count("\n")
+        elif kind == "qend":
+            body = m.group("q")
+            tokens.append(Token(body, True))
+            if "\n" in body:
+                line += body.count("\n")
+        elif kind == "q":
+            errors.append(ZoneFileError(filename, line, "unbalanced quotes"))
+            line += m.group("q").count("\n")
+        elif kind == "paren":
+            if m.group() == "(":
+                depth += 1
+            elif depth == 0:
                 errors.append(ZoneFileError(filename, line, "unbalanced parentheses"))
             else:
                 depth -= 1
-            i += 1
-            continue
-        if c == '"':
-            flush()
-            j = i + 1
-            buf: list[str] = []
-            closed = False
-            start_line = line
-            while j < n:
-                d = text[j]
-                if d == "\\" and j + 1 < n:
-                    buf.append(text[j : j + 2])
-                    if text[j + 1] == "\n":
-                        line += 1
-                    j += 2
-                    continue
-                if d == '"':
-                    closed = True
-                    j += 1
-                    break
-                if d == "\n":
-                    break
-                buf.append(d)
-                j += 1
-            if not closed:
-                errors.append(ZoneFileError(filename, start_line, "unbalanced quotes"))
-                i = j
-                continue
-            tokens.append(Token("".join(buf), True))
-            i = j
-            continue
-        if c == "\\" and i + 1 < n:
-            cur.append(text[i : i + 2])
-            if text[i + 1] == "\n":
-                line += 1
-            i += 2
-            continue
-        cur.append(c)
-        i += 1
-    flush()
     if depth:
         errors.append(
             ZoneFileError(filename, line, "unexpected end of file (unbalanced parentheses)")
@@ -179,11 +141,16 @@ class _RRSet:
 
 @dataclass
 class LoadedZone:
-    """What a successful load produced: the records (one TTL per RRset) and BIND-style warnings."""
+    """What a successful load produced: the records (one TTL per RRset) and BIND-style warnings.
+
+    ``lines`` maps (canonical owner, type) to the (file, line) of the RRset's
+    first record, for checks that report where a finding comes from.
+    """
 
     origin: bytes
     records: list[RR]
     warnings: list[str]
+    lines: dict[tuple[bytes, int], tuple[str, int]] = field(default_factory=dict)
 
 
 class _Loader:
@@ -199,8 +166,14 @@ class _Loader:
         self.default_ttl: int | None = None
         self.ttl: int | None = None
         self.warned_1035 = False
+        # BIND's loader groups records into runs ("batches") per owner; see switch_batch.
         self.batch_owner: bytes | None = None
         self.batch_ttls: dict[int, int] = {}
+        self.batch_ns: set[bytes] = set()
+        self.glue_owner: bytes | None = None
+        self.glue_ttls: dict[int, int] = {}
+        self.all_names: set[bytes] | None = None
+        self.last_in_zone = b""
 
     # -- diagnostics --
     def error(self, file: str, line: int, reason: str) -> None:
@@ -210,19 +183,30 @@ class _Loader:
         self.warnings.append(f"{file}:{line}: {reason}")
 
     # -- files and directives --
-    def load_file(self, path: str, origin: bytes, depth: int, inc_file: str, inc_line: int) -> None:
+    def load_file(
+        self,
+        path: str,
+        origin: bytes,
+        depth: int,
+        inc_file: str,
+        inc_line: int,
+        owner: bytes | None = None,
+    ) -> None:
         try:
             with open(path, "rb") as f:
                 text = f.read().decode("latin-1")
         except OSError as e:
             self.error(inc_file, inc_line, f"{path}: {e.strerror or e}")
             return
-        self.parse_text(text, path, origin, depth)
+        self.parse_text(text, path, origin, depth, owner)
 
-    def parse_text(self, text: str, filename: str, origin: bytes, depth: int) -> None:
+    def parse_text(
+        self, text: str, filename: str, origin: bytes, depth: int, owner: bytes | None = None
+    ) -> None:
+        """Parse one file; an included file starts with the includer's current owner (as BIND)."""
         cur_origin = origin
-        prev_owner: bytes | None = None
-        self.batch_owner = None
+        prev_owner = owner
+        self.reset_batch()
         for entry in tokenize(text, filename, self.errors):
             toks = entry.tokens
             first = toks[0]
@@ -258,8 +242,10 @@ class _Loader:
                         inc_path = rdata.unescape(args[0].text).decode("latin-1")
                         if not os.path.isabs(inc_path):
                             inc_path = os.path.join(os.path.dirname(filename), inc_path)
-                        self.load_file(inc_path, inc_origin, depth + 1, filename, entry.line)
-                        self.batch_owner = None
+                        self.load_file(
+                            inc_path, inc_origin, depth + 1, filename, entry.line, prev_owner
+                        )
+                        self.reset_batch()
                     elif directive == "$GENERATE":
                         self.generate(args, filename, entry.line, cur_origin)
                     else:
@@ -279,7 +265,7 @@ class _Loader:
                 self.errors.append(e)
             except (NameSyntaxError, RdataError) as e:
                 self.error(filename, entry.line, str(e))
-        self.batch_owner = None
+        self.reset_batch()
 
     def generate(self, args: list[Token], filename: str, line: int, origin: bytes) -> None:
         """BIND's ``$GENERATE range lhs [ttl] [class] type rhs`` with ``$``/``${o,w,b}`` substitution."""
@@ -297,6 +283,8 @@ class _Loader:
         hi = _gen_int(hi_text, filename, line)
         if hi < lo or step < 1:
             raise ZoneFileError(filename, line, "$GENERATE: bad range")
+        if (hi - lo) // step >= MAX_GENERATE:
+            raise ZoneFileError(filename, line, f"$GENERATE: more than {MAX_GENERATE} records")
         lhs = args[1].text
         middle = args[2:-1]
         rhs = args[-1].text
@@ -314,6 +302,7 @@ class _Loader:
     def record(
         self, owner: bytes, toks: list[Token], filename: str, line: int, origin: bytes
     ) -> None:
+        self.switch_batch(owner)
         ttl: int | None = None
         rclass: int | None = None
         i = 0
@@ -327,10 +316,11 @@ class _Loader:
                     rclass = c
                     i += 1
                     continue
-            if ttl is None and t.text[:1].isdigit() and rdata.is_ttl(t.text):
-                ttl = rdata.parse_ttl(t.text)
-                i += 1
-                continue
+            if ttl is None and t.text[:1].isdigit():
+                ttl = _ttl_or_none(t.text)
+                if ttl is not None:
+                    i += 1
+                    continue
             break
         if i >= len(toks):
             raise ZoneFileError(filename, line, "missing record type")
@@ -370,7 +360,7 @@ class _Loader:
             raise ZoneFileError(filename, line, "no TTL specified; zone rejected")
 
         self.check_names(owner, rtype, data, filename, line)
-        if not names.is_subdomain(owner, self.zone):
+        if owner != self.last_in_zone and not names.is_subdomain(owner, self.zone):
             self.warn(filename, line, f"ignoring out-of-zone data ({names.to_text(owner)})")
             return
         if rtype == 6 and canonical(owner) != canonical(self.zone):
@@ -381,6 +371,7 @@ class _Loader:
             raise ZoneFileError(
                 filename, line, f"{names.to_text(owner)[:-1]}: invalid NS owner name (wildcard)"
             )
+        self.last_in_zone = owner
         if b"\x01*" in owner and b"*" in names.labels(owner)[1:]:
             self.warn(
                 filename,
@@ -416,6 +407,31 @@ class _Loader:
         if bad:
             self.names_problem(filename, line, "bad name (check-names)")
 
+    def reset_batch(self) -> None:
+        self.batch_owner = None
+        self.batch_ttls = {}
+        self.batch_ns = set()
+        self.glue_owner = None
+        self.glue_ttls = {}
+
+    def switch_batch(self, owner: bytes) -> None:
+        """The TTL table of the run this record joins, following BIND's master.c.
+
+        A run lasts while the owner is spelt the same; records for a name that
+        the current run's NS records point at (glue) form a side run that does
+        not end the current one.
+        """
+        if self.glue_owner is not None and owner != self.glue_owner:
+            self.glue_owner = None
+            self.glue_ttls = {}
+        if self.glue_owner is None and owner != self.batch_owner:
+            if canonical(owner) in self.batch_ns:
+                self.glue_owner = owner
+            else:
+                self.batch_owner = owner
+                self.batch_ttls = {}
+                self.batch_ns = set()
+
     def names_problem(self, filename: str, line: int, reason: str) -> None:
         if self.check_names_mode == "fail":
             raise ZoneFileError(filename, line, reason)
@@ -438,13 +454,13 @@ class _Loader:
                 filename, line, f"{names.to_text(owner)[:-1]}: multiple RRs of singleton type"
             )
         # Within a run of records for one owner the first TTL wins (with a warning); a later run
-        # that adds records replaces the RRset's TTL, as BIND's loader and database do.
-        if owner != self.batch_owner:
-            self.batch_owner = owner
-            self.batch_ttls = {}
-        prior = self.batch_ttls.get(rtype)
+        # replaces the RRset's TTL, as BIND's loader and database do.
+        batch = self.glue_ttls if self.glue_owner is not None else self.batch_ttls
+        prior = batch.get(rtype)
         if prior is None:
-            self.batch_ttls[rtype] = ttl
+            batch[rtype] = ttl
+            if rrset is not None:
+                rrset.ttl = ttl
         elif prior != ttl:
             self.warn(filename, line, f"TTL set to prior TTL ({prior})")
             ttl = prior
@@ -455,10 +471,10 @@ class _Loader:
             self.order.append((cowner, rtype))
             types.add(rtype)
         if key not in rrset.keys:
-            # A run that only repeats existing records leaves the RRset (and its TTL) alone.
-            rrset.ttl = ttl
             rrset.keys.add(key)
             rrset.rdatas.append(data)
+        if rtype == 2 and self.glue_owner is None:
+            self.batch_ns.add(canonical(data))
 
     # -- whole-zone checks --
     def finish(self, filename: str) -> LoadedZone:
@@ -475,7 +491,8 @@ class _Loader:
             owner = owners.setdefault(key[0], rrset.owner)
             for d in rrset.rdatas:
                 records.append(RR(owner, rrset.rtype, self.rclass, rrset.ttl, d))
-        return LoadedZone(self.zone, records, self.warnings)
+        lines = {key: (rrset.file, rrset.line) for key, rrset in self.rrsets.items()}
+        return LoadedZone(self.zone, records, self.warnings, lines)
 
     def zone_checks(self, filename: str) -> None:
         apex = canonical(self.zone)
@@ -517,14 +534,10 @@ class _Loader:
                 dname = self.rrsets[(name, 39)].owner
                 return f"is below a DNAME '{names.to_text(dname)[:-1]}' (illegal)"
         types = self.node_types.get(ctarget)
-        if types is None and not self.has_descendant(ctarget):
+        if types is None and not self.exists(ctarget):
             # No such name: a wildcard at the closest encloser may still supply addresses.
             encloser = names.parent(ctarget)
-            while (
-                encloser != b"\x00"
-                and encloser not in self.node_types
-                and not self.has_descendant(encloser)
-            ):
+            while encloser != b"\x00" and not self.exists(encloser):
                 encloser = names.parent(encloser)
             types = self.node_types.get(names.wildcard_for(encloser))
         if types:
@@ -534,8 +547,22 @@ class _Loader:
                 return None
         return "has no address records (A or AAAA)"
 
-    def has_descendant(self, cname: bytes) -> bool:
-        return any(len(k) > len(cname) and names.is_subdomain(k, cname) for k in self.node_types)
+    def exists(self, cname: bytes) -> bool:
+        """True if ``cname`` holds data or is an empty non-terminal (RFC 4592 2.2.2)."""
+        if self.all_names is None:
+            self.all_names = set()
+            for key in self.node_types:
+                while key != b"\x00" and key not in self.all_names:
+                    self.all_names.add(key)
+                    key = names.parent(key)
+        return cname in self.all_names
+
+
+def _ttl_or_none(text: str) -> int | None:
+    try:
+        return rdata.parse_ttl(text)
+    except RdataError:
+        return None
 
 
 def _gen_int(text: str, filename: str, line: int) -> int:
