@@ -11,13 +11,15 @@ file's directory.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from appliance.schema import Problem, Problems, Table, parse_duration
+from appliance.schema import Problem, Problems, Table, parse_duration, read_dataclass
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -228,6 +230,8 @@ class Config:
     pop3: POP3Config
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     login_throttle: LoginThrottleConfig = field(default_factory=LoginThrottleConfig)
+    #: The anti-spam gate on the port-25 listeners (appliance.mail.gate); None: no gate.
+    gate: Any = None
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def side(self, name: str) -> Side:
@@ -330,6 +334,7 @@ def _build(path: Path, top: Table, problems: Problems) -> Config:
         add_missing_headers=submission_t.boolean("add_missing_headers", True),
     )
     submission_t.done()
+    gate = _gate(top, hostname, state_dir) if top.has("gate") else None
     throttle_t = top.table("login_throttle")
     login_throttle = LoginThrottleConfig(
         max_delay=throttle_t.duration("max_delay", 8),
@@ -354,6 +359,7 @@ def _build(path: Path, top: Table, problems: Problems) -> Config:
         pop3=pop3,
         submission=submission,
         login_throttle=login_throttle,
+        gate=gate,
     )
 
 
@@ -577,3 +583,33 @@ def _delivery(table: Table) -> DeliveryConfig:
     )
     table.done()
     return config
+
+
+def _gate(top: Table, hostname: str, state_dir: Path) -> Any:
+    """``[gate]``: GateSettings read key by key from its dataclasses (unknown keys are errors)."""
+    from appliance.mail.gate import GateSettings
+    from appliance.mail.gate.gate import check_gate_settings
+
+    table = top.table("gate")
+    try:
+        settings = read_dataclass(table, GateSettings)
+    except (TypeError, ValueError) as e:
+        table.error("", f"invalid gate settings: {e}")
+        return None
+    if settings.authserv_id == "localhost":
+        settings = dataclasses.replace(settings, authserv_id=hostname)
+    checked = settings
+    if settings.greylist.enabled and not settings.greylist.path:
+        # The default lives in state_dir, which the service creates at start: nothing to check yet.
+        checked = dataclasses.replace(
+            settings, greylist=dataclasses.replace(settings.greylist, enabled=False)
+        )
+        settings = dataclasses.replace(
+            settings,
+            greylist=dataclasses.replace(
+                settings.greylist, path=str(state_dir / "greylist.sqlite3")
+            ),
+        )
+    for problem in check_gate_settings(checked):
+        table.error("", problem)
+    return settings

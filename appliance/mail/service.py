@@ -13,6 +13,7 @@ broken aliases file is refused and the old table stays in service.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -131,6 +132,8 @@ class MailService(Service):
         self.spool = Spool(config.mail.spool, reactor, blocking=blocking)
         self.recipients = _recipients(config, directory, _aliases(config))
         self.relay = _relay_policy(config, pop_before_smtp)
+        self.resolver = resolver
+        self.gate: Any = None
         self.remote: RemoteDelivery | None = None
         if resolver is not None:
             self.remote = RemoteDelivery(
@@ -162,6 +165,21 @@ class MailService(Service):
         )
         self.factories: list[SMTPServerFactory] = []
 
+    def _make_gate(self) -> Any:
+        """The anti-spam gate for the port-25 listeners (opens the greylist database)."""
+        from appliance.mail.gate import Gate
+
+        settings = self.config.gate
+        if settings.greylist.enabled and settings.greylist.path:
+            Path(settings.greylist.path).parent.mkdir(parents=True, exist_ok=True)
+        return Gate(
+            settings,
+            self.resolver,
+            self.reactor,
+            is_inside=lambda ip: self.relay.is_inside_client(ip, False),
+            is_local_domain=self.relay.accepts_for,
+        )
+
     def smtp_factory(self, listener: Listener, tls: Any) -> SMTPServerFactory:
         """The factory for one SMTP-speaking listener (port 25, submission or SMTPS)."""
         submission = listener.role in ("submission", "smtps")
@@ -190,6 +208,12 @@ class MailService(Service):
     def startService(self) -> None:
         Service.startService(self)
         self.config.mail.mail_root.mkdir(parents=True, exist_ok=True)
+        if self.config.gate is not None and self.resolver is not None:
+            # Built at start, not in the constructor: it opens the greylist database.
+            self.gate = self._make_gate()
+            for factory in self.factories:
+                if factory.listener_name != "submission":
+                    factory.gate = self.gate
         self.runner.start()
         log.info(
             "mail: spool {spool} recovered, delivering into {root}",
@@ -199,6 +223,8 @@ class MailService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        if self.gate is not None:
+            self.gate.close()
         return self.runner.stop()
 
     def reconfigure(self, config: Config) -> None:
@@ -219,4 +245,7 @@ class MailService(Service):
             factory.relay = relay
             factory.sender_policy = _sender_policy(config)
             factory.complete_headers = config.submission.add_missing_headers
+        if self.gate is not None:
+            for problem in self.gate.reload():
+                log.error("gate: access map not reloaded: {problem}", problem=problem)
         log.info("mail: aliases and domains reloaded")

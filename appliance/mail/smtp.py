@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -56,6 +56,7 @@ from appliance.mail.auth import (
     encode_challenge,
     new_exchange,
 )
+from appliance.mail.gate.verdict import Action as GateAction
 from appliance.mail.interfaces import Envelope, IncomingMessage, MessageStore, RecipientCheck, Reply
 from appliance.mail.relay import RelayPolicy
 from appliance.mail.submission import HeaderCompleter, SenderPolicy
@@ -91,6 +92,10 @@ def _clean_text(text: str) -> str:
 
 def _received_date(seconds: float) -> str:
     return format_datetime(datetime.fromtimestamp(seconds, UTC))
+
+
+_GATE_RELAY = GateAction.RELAY
+_GATE_DISCARD = GateAction.DISCARD
 
 
 class SMTPServer(Protocol):
@@ -145,6 +150,13 @@ class SMTPServer(Protocol):
         self._data_error: Reply | None = None
         self._pending_cr = False
         self._headers: HeaderCompleter | None = None
+        # Anti-spam gate (appliance.mail.gate): its per-connection session, the greeting wait,
+        # the header block held back until the gate has judged it, and a DISCARD verdict.
+        self.gate_session: Any = None
+        self._greeting = False
+        self._greet_call: Any = None
+        self._header_capture: bytearray | None = None
+        self._discard = False
 
     # ------------------------------------------------------------------ connection
 
@@ -161,11 +173,54 @@ class SMTPServer(Protocol):
                 self._flush()
                 return
             self._timer = self.factory.clock.callLater(self.factory.idle_timeout, self._timed_out)
-            self.reply(220, None, f"{self.factory.hostname} ESMTP ready")
+            if self.factory.gate is None:
+                self.reply(220, None, f"{self.factory.hostname} ESMTP ready")
+            else:
+                self._open_gate(self.factory.gate)
         except Exception:
             log.failure("SMTP connection setup failed")
             self._close()
         self._flush()
+
+    def _open_gate(self, gate: Any) -> None:
+        """Greet pause and connect checks (access map, DNSBL) before the banner (M-10, seed 004)."""
+        self.gate_session = gate.session(self.client_ip, self.factory.listener_name)
+        waits: list[Deferred[Any]] = [gate.connect(self.gate_session)]
+        delay = gate.greet_delay(self.client_ip, self.factory.listener_name)
+        if delay > 0:
+            pause: Deferred[None] = Deferred()
+            self._greet_call = self.factory.clock.callLater(delay, pause.callback, None)
+            waits.append(pause)
+        self._greeting = True
+        self._busy = True
+        done = gatherResults(waits, consumeErrors=True)
+        done.addCallback(lambda results: self._greeted(results[0]))
+        done.addErrback(self._greet_failed)
+
+    def _greeted(self, verdict: Any) -> None:
+        if self._mode is _Mode.CLOSED:
+            return
+        self._greeting = False
+        self._busy = False
+        if verdict.refused:
+            self._fatal(verdict.reply)
+            return
+        self.reply(220, None, f"{self.factory.hostname} ESMTP ready")
+        self._process()
+        self._flush()
+
+    def _greet_failed(self, failure: Failure) -> None:
+        log.failure("SMTP gate failed at connect from {client}", failure, client=self.client_ip)
+        self._fatal(
+            Reply(421, "4.3.0", f"{self.factory.hostname} Error: internal error, try again later")
+        )
+
+    def _early_talker(self) -> None:
+        """Input before the banner: a bot that does not wait (greet_pause, pregreet)."""
+        if self._greet_call is not None and self._greet_call.active():
+            self._greet_call.cancel()
+        self._greeting = False
+        self._fatal(self.factory.gate.early_talker(self.gate_session).reply)
 
     def _set_nodelay(self) -> None:
         transport: Any = self.transport
@@ -189,10 +244,20 @@ class SMTPServer(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._greet_call is not None and self._greet_call.active():
+            self._greet_call.cancel()
         self._abort_message()
 
     def dataReceived(self, data: bytes) -> None:
         if self._mode is _Mode.CLOSED:
+            return
+        if self._greeting and data:
+            try:
+                self._early_talker()
+            except Exception:
+                log.failure("SMTP early-talker handling failed for {client}", client=self.client_ip)
+                self._close()
+            self._flush()
             return
         try:
             self._touch()
@@ -492,6 +557,9 @@ class SMTPServer(Protocol):
         self.reset_transaction()
         self.client_helo = name
         self.esmtp = esmtp
+        if self.gate_session is not None:
+            # HELO is recorded (SPF's HELO identity, logs); no check refuses it.
+            self.factory.gate.helo(self.gate_session, name)
         if esmtp:
             self.reply_lines(250, [self.factory.hostname, *self.extensions()])
         else:
@@ -521,14 +589,27 @@ class SMTPServer(Protocol):
             return None
         checked = self.check_sender(path)
         if checked is None:
-            self._accept_sender(None, path)
-            return None
+            return self._accept_sender(None, path)
         return checked.addCallback(self._accept_sender, path)
 
-    def _accept_sender(self, refusal: Reply | None, path: Path) -> None:
+    def _accept_sender(self, refusal: Reply | None, path: Path) -> Deferred[None] | None:
         if refusal is not None:
             self._refuse("MAIL", refusal, sender=path.address)
+            return None
+        if self.gate_session is not None:
+            self.gate_session.authenticated = self.authenticated_user is not None
+            judged: Deferred[Any] = self.factory.gate.mail(self.gate_session, path.address)
+            return judged.addCallback(self._gate_sender, path)
+        self._set_sender(path)
+        return None
+
+    def _gate_sender(self, verdict: Any, path: Path) -> None:
+        if verdict.refused:
+            self._refuse("MAIL", verdict.reply, sender=path.address)
             return
+        self._set_sender(path)
+
+    def _set_sender(self, path: Path) -> None:
         self._sender = path.address
         self._mail_parameters = dict(path.parameters)
         self.reply(250, "2.1.0", "Ok")
@@ -547,22 +628,37 @@ class SMTPServer(Protocol):
             self.reply(452, "4.5.3", "Error: too many recipients")
             return None
         relay = self.factory.relay
-        refusal = relay.decide(
-            self.client_ip, self.authenticated_user is not None, self._sender, address
+        # An access-map RELAY for this client counts like authentication (sendmail access_db).
+        trusted = self.authenticated_user is not None or (
+            self.gate_session is not None and self.gate_session.access is _GATE_RELAY
         )
+        refusal = relay.decide(self.client_ip, trusted, self._sender, address)
         if refusal is not None:
             self._refuse("RCPT", refusal, sender=self._sender, recipient=address)
             return None
         if not relay.accepts_for(domain_of(address)):
-            self._accept_recipient(None, address)
-            return None
+            return self._accept_recipient(None, address)
         checked = self.factory.recipients.check_recipient(address)
         return checked.addCallback(self._accept_recipient, address)
 
-    def _accept_recipient(self, refusal: Reply | None, address: str) -> None:
+    def _accept_recipient(self, refusal: Reply | None, address: str) -> Deferred[None] | None:
         if refusal is not None:
             self._refuse("RCPT", refusal, sender=self._sender or "", recipient=address)
+            return None
+        if self.gate_session is not None and self._sender is not None:
+            # After the recipient is known to exist: seed 004 greylists only real recipients.
+            judged: Deferred[Any] = self.factory.gate.rcpt(self.gate_session, address)
+            return judged.addCallback(self._gate_recipient, address)
+        self._add_recipient(address)
+        return None
+
+    def _gate_recipient(self, verdict: Any, address: str) -> None:
+        if verdict.refused:
+            self._refuse("RCPT", verdict.reply, sender=self._sender or "", recipient=address)
             return
+        self._add_recipient(address)
+
+    def _add_recipient(self, address: str) -> None:
         if self._sender is None:
             # RSET cannot overtake a pending RCPT (one command at a time), but be safe.
             self.reply(503, "5.5.1", "Error: need MAIL command")
@@ -590,11 +686,15 @@ class SMTPServer(Protocol):
         self._message = message
         self._queue_id = message.queue_id
         self._headers = None
+        self._discard = False
+        self._header_capture = None
         if self.authenticated_user is not None and self.factory.complete_headers:
             # RFC 6409 8.3, 8.4: a submitted message gets Date and Message-ID if it lacks them.
             self._headers = HeaderCompleter(
                 self.factory.hostname, self.factory.clock.seconds(), message.queue_id
             )
+        if self.gate_session is not None and self._headers is None:
+            self._header_capture = bytearray()
         try:
             message.write(self._received_header(message.queue_id))
         except Exception:
@@ -922,12 +1022,44 @@ class SMTPServer(Protocol):
         assert self._message is not None
         if self._headers is not None:
             chunk = self._headers.feed(chunk)
+        if self._header_capture is not None:
+            chunk = self._capture_headers(chunk, final=False)
         try:
-            if chunk:
+            if chunk and self._message is not None:
                 self._message.write(chunk)
         except Exception:
             log.failure("Spool write failed for {queue_id}", queue_id=self._message.queue_id)
             self._data_failed(Reply(452, "4.3.1", "Error: insufficient system storage"))
+
+    def _capture_headers(self, chunk: bytes, final: bool) -> bytes:
+        """Hold the header block until it is complete, then let the gate judge it.
+
+        Returns what may be written now: nothing while the block is incomplete,
+        then the gate's tag lines, the block and whatever followed it.
+        """
+        capture = self._header_capture
+        assert capture is not None
+        capture += chunk
+        if capture.startswith(b"\r\n"):
+            end = 0
+        else:
+            found = capture.find(b"\r\n\r\n")
+            end = found + 2 if found >= 0 else -1
+        limit = self.factory.gate.settings.headers.max_header_bytes
+        if end < 0 and not final and len(capture) <= limit:
+            return b""
+        self._header_capture = None
+        block = bytes(capture) if end < 0 else bytes(capture[:end])
+        verdict = self.factory.gate.judge_headers(self.gate_session, block)
+        if verdict.refused:
+            self._data_failed(verdict.reply)
+            return b""
+        if verdict.action is _GATE_DISCARD:
+            self._discard = True
+        lines = b"".join(
+            _clean_text(line).encode("ascii", "replace") + b"\r\n" for line in verdict.headers
+        )
+        return lines + bytes(capture)
 
     def _data_failed(self, reply: Reply) -> None:
         """Remember why the message will be refused; read on to the terminator, store nothing."""
@@ -945,6 +1077,25 @@ class SMTPServer(Protocol):
     def _end_data(self) -> None:
         if self._pending_cr:
             self._data_content(b"\n")
+        if (
+            self._header_capture is not None
+            and self._data_error is None
+            and self._message is not None
+        ):
+            # A message that is all header block (or empty) is judged now.
+            rest = self._capture_headers(b"", final=True)
+            try:
+                if rest and self._message is not None:
+                    self._message.write(rest)
+            except Exception:
+                log.failure("Spool write failed for {queue_id}", queue_id=self._queue_id)
+                self._data_failed(Reply(452, "4.3.1", "Error: insufficient system storage"))
+        self._header_capture = None
+        if self._discard and self._data_error is None:
+            # Access map DISCARD: the client hears 250, the message is dropped (sendmail access_db).
+            self._discard = False
+            self._abort_message()
+            self._data_error = Reply(250, "2.0.0", "Ok: discarded")
         headers, self._headers = self._headers, None
         if headers is not None and self._data_error is None and self._message is not None:
             try:
@@ -1061,6 +1212,7 @@ class SMTPServerFactory(Factory):
         throttle: LoginThrottle | None = None,
         sender_policy: SenderPolicy | None = None,
         complete_headers: bool = True,
+        gate: Any = None,
     ) -> None:
         self.listener_name = listener_name
         self.hostname = hostname
@@ -1083,6 +1235,8 @@ class SMTPServerFactory(Factory):
         self.throttle = throttle
         self.sender_policy = sender_policy
         self.complete_headers = complete_headers
+        #: The anti-spam gate (appliance.mail.gate.Gate) for this listener, or None.
+        self.gate = gate
         self.connections = 0
         self.connections_by_client: dict[str, int] = {}
 

@@ -228,6 +228,31 @@ class Gate:
         d.addCallback(final)
         return d
 
+    def judge_headers(self, session: Session, header_block: bytes) -> Verdict:
+        """:meth:`data` without a Deferred, for a protocol that streams the body.
+
+        Header checks are pure computation, so the SMTP server can judge the
+        header block the moment it is complete and put the TAG lines in front
+        of it in the stored message.
+        """
+        try:
+            verdict = self._header_check(session, header_block)
+        except Exception:
+            log.failure("gate data for {client} failed; answering 451", client=session.client_ip)
+            return tempfail(INTERNAL_ERROR, "gate", "internal error in header checks")
+        if verdict is not None:
+            self._record(session, "data", verdict)
+            if verdict.refused:
+                return verdict
+        if session.discard:
+            return Verdict(Action.DISCARD, check="access", reason="discarded by the access map")
+        lines = tuple(session.connection_tags + session.tags)
+        if verdict is not None and verdict.action is Action.TAG:
+            lines += verdict.headers
+        if lines:
+            return tag(lines, "gate", "headers added")
+        return accept("gate", "accepted")
+
     # ------------------------------------------------------------------ driver
 
     def _run(
