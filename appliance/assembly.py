@@ -30,7 +30,7 @@ from appliance.dns.client import DNSClient
 from appliance.dns.listener import DNSDatagramProtocol, DNSServerCore, DNSStreamFactory
 from appliance.dns.recursion import RecursiveView
 from appliance.dns.resolver import MailResolverAdapter, Resolver
-from appliance.dns.service import DNSService
+from appliance.dns.service import SERIAL_STATE_FILE, DNSService
 from appliance.dns.zone import load_zone
 from appliance.mail.service import MailService
 from appliance.pop3.server import POP3ServerFactory
@@ -62,7 +62,16 @@ class Components:
             cooldown=throttle.cooldown,
         )
         self.pop_before_smtp = PopBeforeSMTP(reactor, config.pop3.pop_before_smtp)
-        self.dns = DNSService(config.dns, lambda path, origin: load_zone(str(path), origin))
+        self.dns = DNSService(
+            config.dns,
+            lambda path, origin: load_zone(str(path), origin),
+            reactor=reactor,
+            # NOTIFY leaves from the side's own address (BIND's notify-source).
+            sources={
+                s.name: s.addresses[0] for s in (config.outside, config.inside) if s.addresses
+            },
+            serial_state=config.state_dir / SERIAL_STATE_FILE,
+        )
         self.resolver = _inside_resolver(config, reactor)
         inside_view = self.dns.view("inside")
         self.mail = MailService(

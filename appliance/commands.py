@@ -28,4 +28,16 @@ def _users(subparsers: Any) -> None:
     )
 
 
-REGISTRARS: list[Registrar] = [_users]
+def _dns(subparsers: Any) -> None:
+    from appliance.dns.answer_cli import register
+
+    register(subparsers)
+
+
+def _checkzone(subparsers: Any) -> None:
+    from appliance.dns.zonecheck import register
+
+    register(subparsers)
+
+
+REGISTRARS: list[Registrar] = [_users, _dns, _checkzone]

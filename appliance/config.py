@@ -279,6 +279,19 @@ def _hostname(table: Table, key: str, value: str) -> str:
     return lowered
 
 
+def _zone_name(table: Table, key: str, value: str) -> str:
+    """A zone name: any DNS name (RFC 2317 zones such as ``0/25.2.0.192.in-addr.arpa`` included)."""
+    from appliance.dns import names
+
+    lowered = value.lower().rstrip(".")
+    if value:
+        try:
+            names.from_text(lowered + ".")
+        except ValueError as e:
+            table.error(key, f"{value!r} is not a valid zone name ({e})")
+    return lowered
+
+
 def _hostnames(table: Table, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
     values = table.strings(key, default)
     return tuple(_hostname(table, f"{key}[{i}]", v) for i, v in enumerate(values))
@@ -467,7 +480,7 @@ def _dns(table: Table, sides: dict[str, Side]) -> DNSConfig:
         zones = []
         names: set[str] = set()
         for z in t.tables("zones"):
-            name = _hostname(z, "name", z.string("name"))
+            name = _zone_name(z, "name", z.string("name"))
             if name in names:
                 z.error("name", f"zone {name} is listed twice in this view")
             names.add(name)

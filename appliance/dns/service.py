@@ -2,23 +2,51 @@
 
 A zone that fails to load at reload keeps its previous data and the error is
 logged (D-7); the new zone table replaces the old one in a single assignment,
-so a query sees either the old or the new table, never a mixture.
+so a query sees either the old or the new table, never a mixture.  After each
+load the zone's serial is compared with the one served before (RFC 1982): a
+higher serial, or the first load, sends NOTIFY to the zone's ``also_notify``
+secondaries (RFC 1996, D-6); a lower one is logged.  The serials served are
+kept in a small state file so that ``appliance check`` can spot a serial that
+went backwards before a reload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from appliance.config import SIDES, Config, DNSConfig, ViewConfig
+from appliance.config import SIDES, Config, DNSConfig, ViewConfig, ZoneConfig
+from appliance.dns.notify import NotifySender, serial_gt, serial_lt, soa_serial
 from appliance.dns.view import Network, ServedZone, View
 
 log = Logger(namespace="appliance.dns")
 
 ZoneLoader = Callable[[Path, str], ServedZone]
+
+#: Where, under the state directory, the serial each zone was last served with is kept.
+SERIAL_STATE_FILE = "dns-serials.json"
+
+
+def serial_key(side: str, zone: str) -> str:
+    """The key of a zone in the serial state file: ``side/zone.`` (lower case, absolute)."""
+    return f"{side}/{zone.rstrip('.').lower()}."
+
+
+def read_serials(path: Path) -> dict[str, int]:
+    """The serial state file's contents; empty if it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
 
 
 def _origin_key(name: str) -> bytes:
@@ -32,11 +60,29 @@ class DNSService(Service):
 
     name = "dns"
 
-    def __init__(self, settings: DNSConfig, load_zone: ZoneLoader) -> None:
+    def __init__(
+        self,
+        settings: DNSConfig,
+        load_zone: ZoneLoader,
+        *,
+        reactor: Any = None,
+        sources: Mapping[str, str] | None = None,
+        serial_state: Path | None = None,
+        notify_timeout: float | None = None,
+    ) -> None:
+        """``sources`` maps a side to the address NOTIFY is sent from (the side's own address,
+        so secondaries recognise their primary); ``serial_state`` is the serial state file
+        (normally ``state_dir / SERIAL_STATE_FILE``); ``reactor`` defaults to the global one."""
         self.settings = settings
         self._load_zone = load_zone
+        self._reactor = reactor
+        self._sources = dict(sources or {})
+        self._serial_state = serial_state
+        self._notify_timeout = notify_timeout
+        self.notifiers: dict[str, NotifySender] = {}
         self.views: dict[str, View] = {}
         self._loaded: dict[tuple[str, str], tuple[Path, ServedZone]] = {}
+        self._served: dict[str, int] = read_serials(serial_state) if serial_state else {}
         # Both sides get a view: one without zones simply refuses every question.
         for side in SIDES:
             view_config = settings.view(side)
@@ -51,6 +97,27 @@ class DNSService(Service):
     def startService(self) -> None:
         Service.startService(self)
         self._load_all(self.settings)
+
+    def stopService(self) -> None:
+        for sender in self.notifiers.values():
+            sender.stop()
+        return Service.stopService(self)  # type: ignore[no-any-return]
+
+    def notifier(self, side: str) -> NotifySender:
+        """The NOTIFY sender of one side, sending from that side's address."""
+        sender = self.notifiers.get(side)
+        if sender is None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor  # type: ignore[no-redef]
+            kwargs: dict[str, Any] = {}
+            if self._notify_timeout is not None:
+                kwargs["timeout"] = self._notify_timeout
+            sender = NotifySender(
+                reactor, source=self._sources.get(side, ""), label=f"dns/{side}", **kwargs
+            )
+            self.notifiers[side] = sender
+        return sender
 
     def reconfigure(self, config: Config) -> None:
         for view_config in config.dns.views:
@@ -67,10 +134,12 @@ class DNSService(Service):
                 log.warn("dns: view {side} added by reload needs a restart", side=view_config.side)
                 continue
             self._load_view(view, view_config)
+        self._save_serials()
 
     def _load_view(self, view: View, view_config: ViewConfig) -> None:
         zones: dict[bytes, ServedZone] = {}
         transfer: dict[bytes, tuple[Network, ...]] = {}
+        changed: list[tuple[ZoneConfig, ServedZone]] = []
         for zone_config in view_config.zones:
             key = (view_config.side, zone_config.name)
             try:
@@ -89,7 +158,10 @@ class DNSService(Service):
                     continue
                 zone = previous[1]
             else:
+                previous = self._loaded.get(key)
                 self._loaded[key] = (zone_config.file, zone)
+                if self._serial_changed(view_config.side, zone_config, zone, previous):
+                    changed.append((zone_config, zone))
                 log.info(
                     "dns/{side}: zone {zone} loaded from {file}",
                     side=view_config.side,
@@ -100,6 +172,68 @@ class DNSService(Service):
             zones[origin] = zone
             transfer[origin] = zone_config.allow_transfer
         view.replace_zones(zones, transfer)
+        # Only now that the new data is served may the secondaries come and fetch it.
+        for zone_config, zone in changed:
+            self._notify(view_config.side, zone_config, zone)
+
+    def _serial_changed(
+        self,
+        side: str,
+        zone_config: ZoneConfig,
+        zone: ServedZone,
+        previous: tuple[Path, ServedZone] | None,
+    ) -> bool:
+        """Compare with the serial served before (RFC 1982); True if secondaries need a NOTIFY."""
+        serial = soa_serial(zone.soa)
+        state_key = serial_key(side, zone_config.name)
+        if previous is not None:
+            old: int | None = soa_serial(previous[1].soa)
+        else:
+            old = self._served.get(state_key)
+        self._served[state_key] = serial
+        if old is not None and serial_lt(serial, old):
+            log.warn(
+                "dns/{side}: zone {zone} serial went backwards ({old} -> {new}): "
+                "secondaries will keep the old data",
+                side=side,
+                zone=zone_config.name,
+                old=old,
+                new=serial,
+            )
+            return False
+        if previous is None:
+            return True  # first load: tell the secondaries, as RFC 1996 4 and BIND do
+        if old is not None and serial == old:
+            if set(previous[1]) != set(zone):
+                log.warn(
+                    "dns/{side}: zone {zone} changed but its serial {serial} did not: "
+                    "secondaries will not transfer it",
+                    side=side,
+                    zone=zone_config.name,
+                    serial=serial,
+                )
+            return False
+        return old is None or serial_gt(serial, old)
+
+    def _notify(self, side: str, zone_config: ZoneConfig, zone: ServedZone) -> None:
+        if not zone_config.also_notify:
+            return
+        try:
+            self.notifier(side).notify(zone.origin, zone.soa, zone_config.also_notify)
+        except Exception:
+            log.failure("dns/{side}: NOTIFY for {zone} failed", side=side, zone=zone_config.name)
+
+    def _save_serials(self) -> None:
+        path = self._serial_state
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(json.dumps(self._served, indent=1, sort_keys=True) + "\n")
+            os.replace(temporary, path)
+        except OSError as e:
+            log.warn("dns: serial state {path} not saved: {error}", path=str(path), error=e)
 
     def view(self, side: str) -> View:
         return self.views[side]

@@ -22,6 +22,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = Logger(namespace="appliance.dns")
 
+_DS = 43  # RFC 4034 5 (not in the shared RRType enum)
+
 
 class ServedZone(Protocol):
     """What a view needs of a zone (appliance.dns.zone.Zone provides it)."""
@@ -126,6 +128,12 @@ class View:
                 return zone
         return None
 
+    def _parent_zone(self, zone: ServedZone) -> ServedZone | None:
+        origin = canonical(zone.origin)
+        if origin == b"\x00":
+            return None
+        return self.find_zone(origin[origin[0] + 1 :])
+
     def __call__(
         self, query: Message, client: tuple[str, int], transport: str, local: tuple[str, int]
     ) -> Message | None:
@@ -146,16 +154,25 @@ class View:
         zone = self.find_zone(question.name)
         if zone is None:
             return error_response(query, RCode.REFUSED, udp_size=self.udp_size)
+        if question.qtype == _DS and canonical(zone.origin) == canonical(question.name):
+            # DS belongs to the parent side of a cut: answer from the parent zone if we serve it
+            # too (RFC 4035 3.1.4.1), as BIND does.
+            parent = self._parent_zone(zone)
+            if parent is not None:
+                zone = parent
         result = zone.lookup(question.name, question.qtype)
         if self.minimal_any and question.qtype == RRType.ANY and result.answer:
             result = _minimal_any(result)
         return make_response(query, result, udp_size=self.udp_size)
 
     def _transfer(self, query: Message, client: str, transport: str) -> Message:
-        """AXFR (and IXFR, answered with a full transfer, RFC 1995 4) over TCP to allowed clients only."""
+        """AXFR (and IXFR, answered with a full transfer, RFC 1995 4) over TCP to allowed clients only.
+
+        IXFR over UDP gets the SOA alone, telling the client to come back over TCP (RFC 1995 2).
+        """
         question = query.question[0]
         zone = self.zones.get(canonical(question.name))
-        if transport != "tcp":
+        if transport != "tcp" and question.qtype != RRType.IXFR:
             return error_response(query, RCode.FORMERR, udp_size=self.udp_size)
         if zone is None:
             return error_response(query, RCode.NOTAUTH, udp_size=self.udp_size)
@@ -169,6 +186,11 @@ class View:
                 client=client,
             )
             return error_response(query, RCode.REFUSED, udp_size=self.udp_size)
+        if transport != "tcp":
+            # RFC 1995 2: IXFR over UDP that does not fit gets our SOA alone: "use TCP".
+            return make_response(
+                query, LookupResult(RCode.NOERROR, True, answer=(zone.soa,)), udp_size=self.udp_size
+            )
         records = transfer_records(zone)
         log.info(
             "dns/{side}: zone transfer of {zone} to {client}: {count} records",

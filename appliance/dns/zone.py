@@ -295,8 +295,10 @@ class Zone:
         found = self._addr_cache.get(target)
         if found is None:
             found = self._addr_cache[target] = self._find_addresses(target, key)
+        # The answer may carry the same RRset under the question's spelling (RFC 4343).
+        answered = {rr.rtype for rr in answer if canonical(rr.name) == key}
         for rr in found:
-            if rr not in answer:
+            if rr.rtype not in answered:
                 out.append(rr)
 
     def _find_addresses(self, target: bytes, key: bytes) -> RRSet:
