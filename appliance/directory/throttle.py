@@ -215,6 +215,9 @@ class LockedOutGate(Factory):
     RFC 2449 8.1.2), without the POP3 server needing a hook for it.
     """
 
+    # One log line per event: our own, not Twisted's per-connection factory start/stop.
+    noisy = False
+
     def __init__(self, wrapped: Factory, throttle: LoginThrottle, line: bytes) -> None:
         self.wrapped = wrapped
         self.throttle = throttle

@@ -299,6 +299,10 @@ class _Exchange:
 
 
 class _UDPReceiver(DatagramProtocol):
+    """The socket of one outgoing query (a fresh random port each time)."""
+
+    noisy = False
+
     def __init__(self, exchange: _Exchange) -> None:
         self.exchange = exchange
 

@@ -281,6 +281,7 @@ class DNSDatagramProtocol(DatagramProtocol):
     and they are only seen in spoofed traffic.
     """
 
+    noisy = False
     transport: Any
 
     def __init__(self, core: DNSServerCore) -> None:
@@ -513,6 +514,9 @@ class DNSStreamProtocol(Protocol):
 
 class DNSStreamFactory(Factory):
     """Builds `DNSStreamProtocol` instances and caps simultaneous connections."""
+
+    # One log line per event: our own, not Twisted's per-connection factory start/stop.
+    noisy = False
 
     def __init__(
         self,

@@ -1187,6 +1187,9 @@ class SMTPServerFactory(Factory):
     turn extra sessions away with ``421 4.7.0`` at connect time.
     """
 
+    # One log line per event: our own, not Twisted's per-connection factory start/stop.
+    noisy = False
+
     protocol = SMTPServer  # type: ignore[assignment]
 
     def __init__(

@@ -364,6 +364,9 @@ class _OneProtocolFactory(ClientFactory):
 class _DataProducer:
     """Streams the stuffed message to the transport as a pull producer, with the data-block timeout."""
 
+    # One log line per event: our own, not Twisted's per-connection factory start/stop.
+    noisy = False
+
     def __init__(
         self, protocol: _ClientProtocol, source: IO[bytes], clock: IReactorTime, timeout: float
     ) -> None:

@@ -88,6 +88,9 @@ class POP3ServerFactory(Factory):
     (``lambda f: deferToThreadPool(reactor, pool, f)``).
     """
 
+    # One log line per event: our own, not Twisted's per-connection factory start/stop.
+    noisy = False
+
     def __init__(
         self,
         directory: Directory,
