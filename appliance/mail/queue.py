@@ -30,8 +30,9 @@ Every step is crash-safe because each state change is one ``rename``:
 * state update: write ``envelope.json.new`` in the message directory, fsync,
   rename over ``envelope.json``, fsync the directory.  A crash leaves either the
   old or the new state; a stale ``.new`` is deleted at recovery.
-* removal: rename ``queue/<qid>`` to ``tmp/<qid>.del`` (atomic), fsync ``queue/``,
-  then delete the tree.
+* removal: rename ``queue/<qid>`` to ``tmp/<qid>.del`` (atomic), then delete the
+  tree.  Not fsynced: a removal lost in a crash only brings the message back for
+  an idempotent redelivery.
 
 Queue ids are 23 upper-case hex digits: 13 of microseconds since the epoch,
 4 of a per-process counter, 6 random, so they sort by arrival and never
@@ -575,7 +576,7 @@ class Spool:
             os.rename(directory, grave)
         except FileNotFoundError:
             raise UnknownMessage(queue_id) from None
-        if self.sync:
-            fsync_dir(self.queue_dir)
+        # No fsync of queue/ here: if a crash loses this rename, the message comes back
+        # and is delivered again, which the Maildir layer recognises (one copy per box).
         shutil.rmtree(grave, ignore_errors=True)
         log.info("{qid}: removed", qid=queue_id)
