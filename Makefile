@@ -7,7 +7,7 @@ VENV := .venv
 VENV22 := .venv-tw22
 DEMO_CONFIG := etc/demo/appliance.toml
 # Real peers the integration tests start on loopback, and the Debian packaging toolchain.
-DEB_PACKAGES := bind9 bind9-utils bind9-dnsutils swaks postfix slapd ldap-utils \
+DEB_PACKAGES := bind9 bind9-utils bind9-dnsutils swaks postfix slapd ldap-utils fetchmail \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-hatchling \
 	lintian fakeroot dpkg-dev
 PYTEST_ARGS ?= -n auto --dist loadfile
