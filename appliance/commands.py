@@ -40,4 +40,10 @@ def _checkzone(subparsers: Any) -> None:
     register(subparsers)
 
 
-REGISTRARS: list[Registrar] = [_users, _dns, _checkzone]
+def _policy(subparsers: Any) -> None:
+    from appliance.policy_cli import register
+
+    register(subparsers)
+
+
+REGISTRARS: list[Registrar] = [_users, _dns, _checkzone, _policy]

@@ -147,6 +147,9 @@ def with_deadline(d: Deferred[T], seconds: float | None, clock: IReactorTime) ->
     """Fail ``d`` with :class:`TemporaryFailure` when it has not fired within ``seconds``."""
     if seconds is None or seconds <= 0:
         return d
+    if d.called and not d.paused:
+        # Already answered (a cache hit): no timer to schedule and cancel at once.
+        return d
 
     def timed_out(failure: Failure) -> Failure:
         if failure.check(TimeoutError):
