@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from appliance.config import Config, Listener
+from appliance.control import ControlService, socket_path
 from appliance.directory.ldap import LDAPDirectoryService, settings_from_config
 from appliance.directory.popbeforesmtp import PopBeforeSMTP
 from appliance.directory.service import DirectoryService
@@ -30,6 +31,7 @@ from appliance.dns.client import DNSClient
 from appliance.dns.listener import DNSDatagramProtocol, DNSServerCore, DNSStreamFactory
 from appliance.dns.recursion import RecursiveView
 from appliance.dns.resolver import MailResolverAdapter, Resolver
+from appliance.dns.rr import Opcode
 from appliance.dns.service import SERIAL_STATE_FILE, DNSService
 from appliance.dns.zone import load_zone
 from appliance.mail.service import MailService
@@ -45,7 +47,7 @@ class Components:
         self.config = config
         self.reactor = reactor
         self.threads = ThreadPoolService(reactor)
-        self.tls = TLSService(config.tls)
+        self.tls = TLSService(config.tls, needed=any(lst.role != "dns" for lst in config.listeners))
         self.directory: DirectoryService | LDAPDirectoryService
         if config.directory.backend == "ldap" and config.directory.ldap is not None:
             settings = settings_from_config(config.directory.ldap)
@@ -83,10 +85,14 @@ class Components:
             throttle=self.login_throttle,
             pop_before_smtp=self.pop_before_smtp,
         )
+        # The operator tools' way in (O-2): mailq, flush, queue, route.
+        self.control = ControlService(
+            socket_path(config.state_dir), reactor, self.mail.control_handlers()
+        )
 
     def services(self) -> tuple[Service, ...]:
         # Zones load before the mail runner starts: its lookups of inside names use them.
-        return (self.threads, self.tls, self.directory, self.dns, self.mail)
+        return (self.threads, self.tls, self.directory, self.dns, self.mail, self.control)
 
 
 def _inside_resolver(config: Config, reactor: Any) -> Resolver:
@@ -123,7 +129,12 @@ def _dns(components: Components, listener: Listener) -> Callable[[], IListeningP
     settings = components.config.dns.view(listener.side)
     if listener.side == "inside" and settings is not None:
         responder = RecursiveView(view, components.resolver, settings.allow_recursion)
-    core = DNSServerCore(responder, udp_size=components.config.dns.edns_buffer_size)
+    # NOTIFY reaches the view, which hands it to the secondary zone named (RFC 1996, D-6).
+    core = DNSServerCore(
+        responder,
+        udp_size=components.config.dns.edns_buffer_size,
+        opcodes=(Opcode.QUERY, Opcode.NOTIFY),
+    )
     reactor = components.reactor
     if listener.transport == "udp":
         return lambda: reactor.listenUDP(

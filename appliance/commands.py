@@ -46,4 +46,10 @@ def _policy(subparsers: Any) -> None:
     register(subparsers)
 
 
-REGISTRARS: list[Registrar] = [_users, _dns, _checkzone, _policy]
+def _queue(subparsers: Any) -> None:
+    from appliance.mail.queuetools import register
+
+    register(subparsers)
+
+
+REGISTRARS: list[Registrar] = [_users, _dns, _checkzone, _policy, _queue]

@@ -89,12 +89,21 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class ZoneConfig:
-    """A zone this box is primary for, in one view."""
+    """A zone of one view: primary (loaded from ``file``) or secondary (transferred from ``masters``).
+
+    A secondary zone keeps its transferred copy in ``file``, sends its SOA
+    queries and transfers from ``transfer_source`` (None: the side's first
+    address) and accepts NOTIFY from ``allow_notify`` (empty: the masters).
+    """
 
     name: str
     file: Path
     allow_transfer: tuple[Network, ...] = ()
     also_notify: tuple[tuple[str, int], ...] = ()
+    type: str = "primary"
+    masters: tuple[tuple[str, int], ...] = ()
+    transfer_source: str | None = None
+    allow_notify: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,11 @@ class MailConfig:
     max_message_size: int
     max_recipients: int
     extension_separators: str
+    #: Sender masquerading (M-7): the organisation's domain, the inside names it hides
+    #: (``host`` or ``*.suffix``) and the local parts left exposed.
+    masquerade_as: str = ""
+    masquerade_domains: tuple[str, ...] = ()
+    masquerade_exceptions: tuple[str, ...] = ("root", "postmaster")
 
 
 @dataclass(frozen=True)
@@ -330,7 +344,7 @@ def _build(path: Path, top: Table, problems: Problems) -> Config:
                 tls_t.error(key, f"{p} does not exist (and tls.self_signed is false)")
     tls_t.done()
 
-    dns = _dns(top.table("dns"), sides)
+    dns = _dns(top.table("dns"), sides, state_dir)
     mail = _mail(top.table("mail"), hostname, state_dir)
     delivery = _delivery(top.table("delivery"))
     directory = _directory(top.table("directory"))
@@ -471,7 +485,42 @@ def _endpoint(text: str) -> tuple[str, int]:
     return str(ipaddress.ip_address(host)), port
 
 
-def _dns(table: Table, sides: dict[str, Side]) -> DNSConfig:
+def _zone(z: Table, side: str, name: str, state_dir: Path) -> ZoneConfig:
+    """One ``[[dns.SIDE.zones]]`` entry (D-6: ``type = "primary"`` or ``"secondary"``)."""
+    kind = z.string("type", "primary", choices=("primary", "secondary"))
+    allow_transfer = z.networks("allow_transfer", ())
+    also_notify = z.each("also_notify", (), _endpoint, "an address or address:port")
+    if kind != "secondary":
+        return ZoneConfig(
+            name=name,
+            file=z.path("file", must_exist=True),
+            allow_transfer=allow_transfer,
+            also_notify=also_notify,
+        )
+    masters = z.each("masters", (), _endpoint, "an address or address:port")
+    if not masters:
+        z.error("masters", "a secondary zone needs at least one master")
+    default_file = state_dir / "secondary" / side / f"{name or 'root'}.zone"
+    file = z.path("file", str(default_file))
+    source: str | None = z.string("transfer_source", "") or None
+    if source is not None:
+        try:
+            source = str(ipaddress.ip_address(source))
+        except ValueError:
+            z.error("transfer_source", f"{source!r} is not an IP address")
+    return ZoneConfig(
+        name=name,
+        file=file,
+        allow_transfer=allow_transfer,
+        also_notify=also_notify,
+        type="secondary",
+        masters=masters,
+        transfer_source=source,
+        allow_notify=z.networks("allow_notify", ()),
+    )
+
+
+def _dns(table: Table, sides: dict[str, Side], state_dir: Path) -> DNSConfig:
     views = []
     for side in SIDES:
         if not table.has(side):
@@ -484,14 +533,7 @@ def _dns(table: Table, sides: dict[str, Side]) -> DNSConfig:
             if name in names:
                 z.error("name", f"zone {name} is listed twice in this view")
             names.add(name)
-            zones.append(
-                ZoneConfig(
-                    name=name,
-                    file=z.path("file", must_exist=True),
-                    allow_transfer=z.networks("allow_transfer", ()),
-                    also_notify=z.each("also_notify", (), _endpoint, "an address or address:port"),
-                )
-            )
+            zones.append(_zone(z, side, name, state_dir))
             z.done()
         # BIND answers anyone by default; the inside view answers its own networks and this host.
         default_query: tuple[str, ...] = ()
@@ -549,9 +591,29 @@ def _mail(table: Table, hostname: str, state_dir: Path) -> MailConfig:
         max_message_size=table.integer("max_message_size", 25 * 1024 * 1024, 1024, 2**31),
         max_recipients=table.integer("max_recipients", 100, 1, 100000),
         extension_separators=separators,
+        masquerade_as=_hostname(table, "masquerade_as", table.string("masquerade_as", ""))
+        if table.has("masquerade_as")
+        else (local[0] if local else ""),
+        masquerade_domains=_masquerade_domains(table),
+        masquerade_exceptions=table.strings("masquerade_exceptions", ("root", "postmaster")),
     )
     table.done()
     return config
+
+
+def _masquerade_domains(table: Table) -> tuple[str, ...]:
+    """``masquerade_domains``: one pattern or a list; ``*.example.test`` or a host name."""
+    key = "masquerade_domains"
+    if table.has(key) and isinstance(table._data.get(key), str):
+        patterns: tuple[str, ...] = (table.string(key),)
+    else:
+        patterns = table.strings(key, ())
+    out = []
+    for index, pattern in enumerate(patterns):
+        name = pattern[2:] if pattern.startswith("*.") else pattern
+        _hostname(table, f"{key}[{index}]", name)
+        out.append(pattern.lower())
+    return tuple(out)
 
 
 def _route_target(table: Table, key: str, target: str) -> str:

@@ -137,8 +137,10 @@ class TLSService(Service):
 
     name = "tls"
 
-    def __init__(self, settings: TLSConfig) -> None:
+    def __init__(self, settings: TLSConfig, needed: bool = True) -> None:
         self.settings = settings
+        #: False when no listener speaks TLS (a DNS-only box): nothing is loaded or made.
+        self.needed = needed
         self.options: ssl.CertificateOptions | None = None
 
     def privilegedStartService(self) -> None:
@@ -153,8 +155,13 @@ class TLSService(Service):
             self._load()
 
     def _load(self) -> None:
+        if not self.needed:
+            return
         if ensure_certificate(
-            self.settings.certificate, self.settings.key, self.settings.names, self.settings.self_signed
+            self.settings.certificate,
+            self.settings.key,
+            self.settings.names,
+            self.settings.self_signed,
         ):
             log.info(
                 "tls: generated a self-signed certificate for {names} in {path}",
@@ -164,6 +171,8 @@ class TLSService(Service):
         self.options = load_server_options(self.settings.certificate, self.settings.key)
 
     def reconfigure(self, config: Config) -> None:
+        if not self.needed:
+            return
         options = load_server_options(config.tls.certificate, config.tls.key)
         self.settings, self.options = config.tls, options
         log.info("tls: certificate reloaded from {path}", path=str(config.tls.certificate))

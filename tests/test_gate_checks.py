@@ -436,3 +436,28 @@ def test_access_parser_never_raises(text: str) -> None:
 def test_header_check_never_raises(block: bytes) -> None:
     verdict = HeaderCheck(HeaderSettings(require_message_id_at=True)).check(block)
     assert verdict.action in (Action.ACCEPT, Action.REJECT, Action.TAG)
+
+
+def test_dnsbl_verdict_is_reused_for_the_ttl_but_failures_are_not() -> None:
+    from twisted.internet.task import Clock
+
+    from appliance.mail.gate.dnsbl import DNSBL, DNSBLSettings, DNSBLZone
+    from tests.test_gate_support import FakeResolver
+
+    clock = Clock()
+    resolver = FakeResolver()
+    resolver.add_a("2.0.0.127.bl.test", "127.0.0.2")
+    check = DNSBL(DNSBLSettings(zones=(DNSBLZone("bl.test"),), cache_ttl=60), resolver, clock)
+    results = []
+    check.check("127.0.0.2").addCallback(results.append)
+    check.check("127.0.0.2").addCallback(results.append)
+    assert [v.action.value for v in results] == ["reject", "reject"]
+    assert resolver.queries[("a", "2.0.0.127.bl.test")] == 1
+    clock.advance(61)
+    check.check("127.0.0.2").addCallback(results.append)
+    assert resolver.queries[("a", "2.0.0.127.bl.test")] == 2
+
+    resolver.servfail.add("9.0.0.127.bl.test")
+    check.check("127.0.0.9")
+    check.check("127.0.0.9")
+    assert resolver.queries[("a", "9.0.0.127.bl.test")] == 2

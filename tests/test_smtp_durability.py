@@ -86,7 +86,8 @@ class Clients:
 
     def take(self) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
         with self.lock:
-            if len(self.acked) >= MESSAGES or self.stop.is_set():
+            # Sending goes on until the killer has both enough 250s and enough kills.
+            if self.stop.is_set():
                 return None
             number = self.next_number
             self.next_number += 1
@@ -98,7 +99,7 @@ class Clients:
 
     def connect(self) -> smtplib.SMTP | None:
         """A session, retrying while the appliance is down; None once sending is over."""
-        while not self.stop.is_set() and len(self.acked) < MESSAGES:
+        while not self.stop.is_set():
             try:
                 session = smtplib.SMTP(
                     INSIDE, self.port, timeout=20, source_address=(LAN_CLIENT, 0)

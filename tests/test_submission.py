@@ -27,6 +27,7 @@ from appliance.mail.auth import (
 from appliance.mail.smtp import SMTPServerFactory
 from appliance.mail.submission import HeaderCompleter, SenderPolicy
 from appliance.pop3.server import POP3ServerFactory
+from appliance.service import ListenerService
 
 ALICE = User("alice@example.test", "example.test/alice", ("alice@example.test", "al@other.test"))
 NOW = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
@@ -355,10 +356,9 @@ def test_wiring(tmp_path: Path) -> None:
     root = build_service(c, reactor)
     components: Any = root.components  # type: ignore[attr-defined]
     for child in root:
-        listen = getattr(child, "_listen", None)
         # Implicit-TLS listeners need the loaded certificate (Twisted 22 asks at once): skip.
-        if listen is not None and not (child.name or "").startswith("smtps"):
-            listen()
+        if isinstance(child, ListenerService) and not (child.name or "").startswith("smtps"):
+            child._listen()
     factories = {port: factory for port, factory, _, _ in reactor.tcpServers}
     smtp, submission, gate = (factories[p] for p in (10025, 10587, 10110))
     assert isinstance(gate, LockedOutGate) and gate.throttle is components.login_throttle

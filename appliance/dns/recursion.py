@@ -14,6 +14,7 @@ returns a Deferred, which the listener accepts.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Hashable
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -42,6 +43,8 @@ _MEMO_MAX = 4096
 
 
 class _Resolver(Protocol):
+    clock: Any
+
     def cached_hit(
         self, qname: bytes, qtype: int, qclass: int = CLASS_IN
     ) -> CachedAnswer | None: ...
@@ -87,6 +90,18 @@ class RecursiveView:
             setattr(resolver, "local_zones", view.find_zone)  # noqa: B010
         self._memo: dict[str, tuple[bool, bool]] = {}
         self._memo_acl: object = None
+
+    def cache_token(self, client: str) -> Hashable:
+        """Lets the listener reuse a reply for one second (see appliance.dns.answercache).
+
+        The second is part of the token so that TTLs counted down by the
+        resolver's cache are never more than a second stale.
+        """
+        return (
+            getattr(self.view, "generation", 0),
+            self._policy(client),
+            int(self.resolver.clock.seconds()),
+        )
 
     def _policy(self, host: str) -> tuple[bool, bool]:
         """(may query the view, may recurse) for a client address, memoised per address."""

@@ -8,6 +8,10 @@ higher serial, or the first load, sends NOTIFY to the zone's ``also_notify``
 secondaries (RFC 1996, D-6); a lower one is logged.  The serials served are
 kept in a small state file so that ``appliance check`` can spot a serial that
 went backwards before a reload.
+
+Secondary zones (``type = "secondary"``) are `SecondaryZone` objects that
+stay in their view's table across reloads (unless their settings change) and
+keep themselves current from their masters (appliance.dns.secondary).
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from twisted.logger import Logger
 
 from appliance.config import SIDES, Config, DNSConfig, ViewConfig, ZoneConfig
 from appliance.dns.notify import NotifySender, serial_gt, serial_lt, soa_serial
+from appliance.dns.secondary import SecondaryZone, Transferer
 from appliance.dns.view import Network, ServedZone, View
 
 log = Logger(namespace="appliance.dns")
 
 ZoneLoader = Callable[[Path, str], ServedZone]
+#: Makes the transfer client of one source address (see appliance.dns.xfr.XfrClient).
+TransfererFactory = Callable[[str], Transferer]
 
 #: Where, under the state directory, the serial each zone was last served with is kept.
 SERIAL_STATE_FILE = "dns-serials.json"
@@ -69,10 +76,13 @@ class DNSService(Service):
         sources: Mapping[str, str] | None = None,
         serial_state: Path | None = None,
         notify_timeout: float | None = None,
+        transferer: TransfererFactory | None = None,
     ) -> None:
         """``sources`` maps a side to the address NOTIFY is sent from (the side's own address,
-        so secondaries recognise their primary); ``serial_state`` is the serial state file
-        (normally ``state_dir / SERIAL_STATE_FILE``); ``reactor`` defaults to the global one."""
+        so secondaries recognise their primary), and secondary zones transfer from by default;
+        ``serial_state`` is the serial state file (normally ``state_dir / SERIAL_STATE_FILE``);
+        ``reactor`` defaults to the global one; ``transferer`` makes the SOA/AXFR/IXFR client
+        for a source address (default: appliance.dns.xfr.XfrClient)."""
         self.settings = settings
         self._load_zone = load_zone
         self._reactor = reactor
@@ -80,6 +90,10 @@ class DNSService(Service):
         self._serial_state = serial_state
         self._notify_timeout = notify_timeout
         self.notifiers: dict[str, NotifySender] = {}
+        self._transferer_factory = transferer
+        self._transferers: dict[str, Transferer] = {}
+        #: Secondary zones by (side, zone name), with the configuration they were made from.
+        self.secondaries: dict[tuple[str, str], tuple[ZoneConfig, SecondaryZone]] = {}
         self.views: dict[str, View] = {}
         self._loaded: dict[tuple[str, str], tuple[Path, ServedZone]] = {}
         self._served: dict[str, int] = read_serials(serial_state) if serial_state else {}
@@ -101,6 +115,8 @@ class DNSService(Service):
     def stopService(self) -> None:
         for sender in self.notifiers.values():
             sender.stop()
+        for _, secondary in self.secondaries.values():
+            secondary.stop()
         return Service.stopService(self)  # type: ignore[no-any-return]
 
     def notifier(self, side: str) -> NotifySender:
@@ -134,6 +150,11 @@ class DNSService(Service):
                 log.warn("dns: view {side} added by reload needs a restart", side=view_config.side)
                 continue
             self._load_view(view, view_config)
+        wanted = {
+            (v.side, z.name) for v in settings.views for z in v.zones if z.type == "secondary"
+        }
+        for key in [k for k in self.secondaries if k not in wanted]:
+            self.secondaries.pop(key)[1].stop()
         self._save_serials()
 
     def _load_view(self, view: View, view_config: ViewConfig) -> None:
@@ -142,6 +163,11 @@ class DNSService(Service):
         changed: list[tuple[ZoneConfig, ServedZone]] = []
         for zone_config in view_config.zones:
             key = (view_config.side, zone_config.name)
+            if zone_config.type == "secondary":
+                origin = _origin_key(zone_config.name)
+                zones[origin] = self._secondary(view, zone_config)
+                transfer[origin] = zone_config.allow_transfer
+                continue
             try:
                 zone = self._load_zone(zone_config.file, zone_config.name)
             except Exception as e:
@@ -175,6 +201,49 @@ class DNSService(Service):
         # Only now that the new data is served may the secondaries come and fetch it.
         for zone_config, zone in changed:
             self._notify(view_config.side, zone_config, zone)
+
+    def _transferer(self, source: str) -> Transferer:
+        client = self._transferers.get(source)
+        if client is None:
+            if self._transferer_factory is not None:
+                client = self._transferer_factory(source)
+            else:
+                from appliance.dns.xfr import XfrClient
+
+                reactor = self._reactor
+                if reactor is None:
+                    from twisted.internet import reactor  # type: ignore[no-redef]
+                client = XfrClient(reactor, reactor, source)
+            self._transferers[source] = client
+        return client
+
+    def _secondary(self, view: View, zone_config: ZoneConfig) -> SecondaryZone:
+        """The running SecondaryZone for this zone: kept across reloads unless its settings changed."""
+        key = (view.side, zone_config.name)
+        found = self.secondaries.get(key)
+        if found is not None and found[0] == zone_config:
+            return found[1]
+        if found is not None:
+            found[1].stop()
+        source = zone_config.transfer_source or self._sources.get(view.side) or "127.0.0.1"
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        secondary = SecondaryZone(
+            _origin_key(zone_config.name),
+            zone_config.masters,
+            self._transferer(source),
+            reactor,
+            file=zone_config.file,
+            allow_notify=zone_config.allow_notify,
+            on_change=view.invalidate,
+            # A new version goes on to our own secondaries, as BIND's also-notify does.
+            on_transfer=lambda zone: self._notify(view.side, zone_config, zone),
+            label=f"dns/{view.side}",
+        )
+        self.secondaries[key] = (zone_config, secondary)
+        secondary.start()
+        return secondary
 
     def _serial_changed(
         self,

@@ -10,12 +10,12 @@ offered (D-2).  A reload replaces the whole zone table at once.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from typing import Protocol
 
 from twisted.logger import Logger
 
-from appliance.dns.rr import CLASS_ANY, CLASS_IN, RR, LookupResult, RCode, RRType, canonical
+from appliance.dns.rr import CLASS_ANY, CLASS_IN, RR, LookupResult, Opcode, RCode, RRType, canonical
 from appliance.dns.wire import DEFAULT_UDP_SIZE, Message, error_response, make_response
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,16 +44,12 @@ def transfer_records(zone: ServedZone) -> tuple[RR, ...]:
     return (zone.soa, *(rr for rr in zone if rr.rtype != RRType.SOA), zone.soa)
 
 
-def _parent_names(name: bytes) -> Iterable[bytes]:
-    """``name`` and each of its ancestors down to the root, as canonical wire names."""
-    name = canonical(name)
-    offset = 0
-    while True:
-        yield name[offset:]
-        length = name[offset]
-        if length == 0:
-            return
-        offset += length + 1
+def _label_boundary(name: bytes, offset: int) -> bool:
+    """Whether a label of wire name ``name`` starts at ``offset``."""
+    i = 0
+    while i < offset:
+        i += name[i] + 1
+    return i == offset
 
 
 def _allowed(client: str, networks: tuple[Network, ...]) -> bool:
@@ -101,8 +97,15 @@ class View:
         self, zones: Mapping[bytes, ServedZone], allow_transfer: Mapping[bytes, tuple[Network, ...]]
     ) -> None:
         """Swap in a new zone table at once (a reload); answers cached for the old one stop matching."""
-        self.zones = {canonical(origin): zone for origin, zone in zones.items()}
+        table = {canonical(origin): zone for origin, zone in zones.items()}
+        # Origin lengths, longest first: find_zone tries only the suffixes that could be a zone.
+        self._origin_lengths = tuple(sorted({len(origin) for origin in table}, reverse=True))
+        self.zones = table
         self.allow_transfer = {canonical(origin): nets for origin, nets in allow_transfer.items()}
+        self.generation += 1
+
+    def invalidate(self) -> None:
+        """A zone's data changed in place (a secondary zone's transfer or expiry): drop cached answers."""
         self.generation += 1
 
     def allows(self, client: str) -> bool:
@@ -120,11 +123,20 @@ class View:
         return (self.generation, self.allows(client))
 
     def find_zone(self, qname: bytes) -> ServedZone | None:
-        """The closest enclosing zone this view is authoritative for."""
+        """The closest enclosing zone this view is authoritative for.
+
+        Called for every query of the inside resolver, so it looks up only
+        the suffixes as long as some origin, and walks the labels only to
+        confirm that a matching suffix starts at a label boundary.
+        """
         zones = self.zones
-        for name in _parent_names(qname):
-            zone = zones.get(name)
-            if zone is not None:
+        key = canonical(qname)
+        size = len(key)
+        for length in self._origin_lengths:
+            if length > size:
+                continue
+            zone = zones.get(key[size - length :])
+            if zone is not None and _label_boundary(key, size - length):
                 return zone
         return None
 
@@ -140,6 +152,8 @@ class View:
         if len(query.question) != 1:
             return error_response(query, RCode.FORMERR, udp_size=self.udp_size)
         question = query.question[0]
+        if query.opcode == Opcode.NOTIFY:
+            return self._notify(query, client[0])
         if not self.allows(client[0]):
             log.debug(
                 "dns/{side}: query from {client} refused by allow_query",
@@ -165,6 +179,23 @@ class View:
             result = _minimal_any(result)
         return make_response(query, result, udp_size=self.udp_size)
 
+    def _notify(self, query: Message, client: str) -> Message:
+        """NOTIFY in (RFC 1996 3.7, 4.7): a secondary zone checks its masters; AA set in the reply.
+
+        Only secondary zones take NOTIFY; who may send it is the zone's
+        ``allow_notify`` (not ``allow_query``), as in BIND.
+        """
+        question = query.question[0]
+        zone = self.zones.get(canonical(question.name))
+        handler = getattr(zone, "notify", None)
+        if zone is None or handler is None or question.qtype != RRType.SOA:
+            return error_response(query, RCode.NOTAUTH, udp_size=self.udp_size)
+        soa = next((rr for rr in query.answer if rr.rtype == RRType.SOA), None)
+        rcode = handler(client, soa)
+        if rcode != RCode.NOERROR:
+            return error_response(query, rcode, udp_size=self.udp_size)
+        return make_response(query, LookupResult(RCode.NOERROR, True), udp_size=self.udp_size)
+
     def _transfer(self, query: Message, client: str, transport: str) -> Message:
         """AXFR (and IXFR, answered with a full transfer, RFC 1995 4) over TCP to allowed clients only.
 
@@ -176,6 +207,9 @@ class View:
             return error_response(query, RCode.FORMERR, udp_size=self.udp_size)
         if zone is None:
             return error_response(query, RCode.NOTAUTH, udp_size=self.udp_size)
+        if not getattr(zone, "serving", True):
+            # A secondary zone not loaded yet or expired has nothing to give (BIND: SERVFAIL).
+            return error_response(query, RCode.SERVFAIL, udp_size=self.udp_size)
         if not self.allow_transfer.get(canonical(question.name)) or not _allowed(
             client, self.allow_transfer[canonical(question.name)]
         ):

@@ -8,6 +8,8 @@ On-disk format (one directory per message, qmail's spirit, JSON instead of pickl
                                 (Received header first, CRLF line ends, dot-unstuffed)
     <root>/queue/<qid>/envelope.json
                                 the envelope and the state of every recipient
+    <root>/queue/<qid>/held     present while an operator holds the message
+                                (``appliance queue hold``): the runner skips it
     <root>/corrupt/<qid>/       a queue entry recovery could not read: kept for the
                                 operator, never deleted, never delivered
 

@@ -27,6 +27,8 @@ recognises the copy by the queue id in its name, so each mailbox holds the
 message exactly once (see appliance.mail.maildir).  Messages are processed
 right after commit (``notify``, registered as the spool's commit listener),
 at start (everything recovered), and by a retry timer on the injected clock.
+A message the operator put on hold (appliance.mail.queuetools) is skipped
+until :meth:`QueueRunner.force` is called for it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from appliance.mail.queue import (
     Spool,
     UnknownMessage,
 )
+from appliance.mail.queuetools import is_held
 
 log = Logger()
 
@@ -197,6 +200,18 @@ class QueueRunner:
             self._forced.add(queue_id)
         return self.run()
 
+    def force(self, queue_id: str) -> Deferred[None]:
+        """Attempt one message now, whatever its retry times (``appliance flush ID``, release)."""
+        self._forced.add(queue_id)
+        self._due[queue_id] = 0.0
+        if not self._running:
+            return defer.succeed(None)
+        return self._start(queue_id)
+
+    def forget(self, queue_id: str) -> None:
+        """Drop a message from the schedule (an operator deleted it)."""
+        self._forget(queue_id)
+
     def run(self) -> Deferred[None]:
         """Process every message that is due; fires when they are done."""
         now = self.clock.seconds()
@@ -245,6 +260,11 @@ class QueueRunner:
         try:
             message = self.spool.load(queue_id)
         except UnknownMessage:
+            self._forget(queue_id)
+            return
+        if is_held(self.spool, queue_id):
+            # Released by the operator through force(); until then nothing is due.
+            log.info("{qid}: on hold", qid=queue_id)
             self._forget(queue_id)
             return
         now = self.clock.seconds()

@@ -26,6 +26,7 @@ from appliance.directory.popbeforesmtp import PopBeforeSMTP
 from appliance.directory.throttle import LoginThrottle
 from appliance.mail.aliases import AliasTable, load_aliases
 from appliance.mail.local import LocalRecipients
+from appliance.mail.masquerade import Masquerader, MasqueradingDelivery
 from appliance.mail.outbound import BounceWriter, RemoteDelivery, postmaster_address
 from appliance.mail.queue import Spool
 from appliance.mail.relay import RelayPolicy
@@ -100,11 +101,20 @@ def _lifetime_for(config: Config) -> Callable[[str], float]:
     return lifetime_for
 
 
+def _masquerader(config: Config) -> Masquerader:
+    return Masquerader(
+        config.mail.masquerade_as,
+        config.mail.masquerade_domains,
+        config.mail.masquerade_exceptions,
+    )
+
+
 def _recipients(config: Config, directory: Directory, aliases: AliasTable) -> LocalRecipients:
     return LocalRecipients(
         directory,
         aliases,
-        config.mail.local_domains,
+        # A box without local domains still takes postmaster@ its own names (RFC 5321 4.5.1).
+        config.mail.local_domains or config.mail.hostnames,
         extension_separators=config.mail.extension_separators,
     )
 
@@ -144,13 +154,17 @@ class MailService(Service):
                 lambda address, port: tcp_endpoint(reactor, address, port),
                 concurrency=config.delivery.concurrency,
             )
+        # Masquerading happens on the way out (appliance.mail.masquerade explains why).
+        self.masquerading: MasqueradingDelivery | None = None
+        if self.remote is not None:
+            self.masquerading = MasqueradingDelivery(self.remote, _masquerader(config), blocking)
         self.runner = QueueRunner(
             self.spool,
             self.recipients,
             config.mail.mail_root,
             config.hostname,
             reactor,
-            remote_delivery=self.remote,
+            remote_delivery=self.masquerading,
             bounce=BounceWriter(
                 self.spool,
                 config.hostname,
@@ -164,6 +178,12 @@ class MailService(Service):
             concurrency=config.delivery.concurrency,
         )
         self.factories: list[SMTPServerFactory] = []
+
+    def control_handlers(self) -> dict[str, Any]:
+        """The queue and routing commands of the control socket (appliance.mail.queuetools)."""
+        from appliance.mail.queuetools import queue_handlers
+
+        return queue_handlers(self.spool, self.runner, lambda: self.recipients, lambda: self.remote)
 
     def _make_gate(self) -> Any:
         """The anti-spam gate for the port-25 listeners (opens the greylist database)."""
@@ -240,6 +260,8 @@ class MailService(Service):
         if self.remote is not None:
             self.remote.router = _router(config)
             self.remote.settings = _outbound_settings(config)
+        if self.masquerading is not None:
+            self.masquerading.masquerader = _masquerader(config)
         for factory in self.factories:
             factory.recipients = recipients
             factory.relay = relay

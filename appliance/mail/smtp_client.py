@@ -167,9 +167,11 @@ class OpportunisticTLS:
     is the floor.
     """
 
+    #: One context for every attempt: building it (CA store, ciphers) costs far more than a
+    #: delivery that never says STARTTLS.  Made on first use, shared by all instances.
+    _shared_context: SSL.Context | None = None
+
     def __init__(self, server_name: str | None = None) -> None:
-        options = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2)
-        self._context = options.getContext()
         self._server_name: bytes | None = None
         if server_name and not _is_address(server_name):
             try:
@@ -177,8 +179,14 @@ class OpportunisticTLS:
             except UnicodeError:
                 self._server_name = None
 
+    @classmethod
+    def _context(cls) -> SSL.Context:
+        if cls._shared_context is None:
+            cls._shared_context = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2).getContext()
+        return cls._shared_context
+
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
+        connection = SSL.Connection(self._context(), None)
         connection.set_app_data(tlsProtocol)
         if self._server_name:
             connection.set_tlsext_host_name(self._server_name)

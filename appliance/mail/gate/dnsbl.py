@@ -83,6 +83,8 @@ class DNSBLSettings:
 
     zones: tuple[DNSBLZone, ...] = ()
     timeout: float = 10.0
+    #: Seconds a client's verdict is reused (postscreen_dnsbl_ttl); 0 asks every time.
+    cache_ttl: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -102,21 +104,38 @@ class DNSBL:
     ) -> None:
         self.settings = settings
         self.resolver = resolver
-        self.clock = clock
+        self.clock: Any = clock
         self._codes = {zone.zone: _parse_codes(zone.codes) for zone in settings.zones}
+        self._verdicts: dict[str, tuple[float, Verdict]] = {}
 
     def check(self, client_ip: str) -> Deferred[Verdict]:
         """Fires with reject (first rejecting listing), tag (only tagging listings) or accept."""
         reversed_ip = reverse_name(client_ip)
         if reversed_ip is None or not self.settings.zones:
             return succeed(accept(self.name, "no lists or no address"))
-        queries = [self._query(zone, reversed_ip, client_ip) for zone in self.settings.zones]
+        now = self.clock.seconds()
+        cached = self._verdicts.get(client_ip)
+        if cached is not None and cached[0] > now:
+            return succeed(cached[1])
+        failures: list[str] = []
+        queries = [
+            self._query(zone, reversed_ip, client_ip, failures) for zone in self.settings.zones
+        ]
         d: Deferred[Any] = DeferredList(queries, consumeErrors=True)
         d.addCallback(self._decide, client_ip)
+        d.addCallback(self._remember, client_ip, failures)
         return d
 
+    def _remember(self, verdict: Verdict, client_ip: str, failures: list[str]) -> Verdict:
+        """Keep a verdict every list answered for (a failed lookup is asked again next time)."""
+        if self.settings.cache_ttl > 0 and not failures:
+            if len(self._verdicts) >= 10_000:
+                self._verdicts = {}
+            self._verdicts[client_ip] = (self.clock.seconds() + self.settings.cache_ttl, verdict)
+        return verdict
+
     def _query(
-        self, zone: DNSBLZone, reversed_ip: str, client_ip: str
+        self, zone: DNSBLZone, reversed_ip: str, client_ip: str, failures: list[str]
     ) -> Deferred[_Listing | None]:
         name = f"{reversed_ip}.{zone.zone.strip('.').lower()}"
         d: Deferred[Any] = with_deadline(
@@ -125,13 +144,13 @@ class DNSBL:
         d.addCallbacks(
             self._answered,
             self._failed,
-            callbackArgs=(zone, name, client_ip),
-            errbackArgs=(zone, client_ip),
+            callbackArgs=(zone, name, client_ip, failures),
+            errbackArgs=(zone, client_ip, failures),
         )
         return d
 
     def _answered(
-        self, answers: list[str], zone: DNSBLZone, name: str, client_ip: str
+        self, answers: list[str], zone: DNSBLZone, name: str, client_ip: str, failures: list[str]
     ) -> Deferred[_Listing | None] | _Listing | None:
         listed: list[str] = []
         for answer in answers:
@@ -139,6 +158,7 @@ class DNSBL:
             if address is None or address.version != 4:
                 continue
             if address in _ERROR_CODES:
+                failures.append(zone.zone)
                 log.error(
                     "DNSBL {zone} answered error code {code} for {client}: treated as not listed "
                     "(is the list queried through a public resolver?)",
@@ -165,9 +185,12 @@ class DNSBL:
         d.addCallbacks(reason, no_reason)
         return d
 
-    def _failed(self, failure: Failure, zone: DNSBLZone, client_ip: str) -> None:
+    def _failed(
+        self, failure: Failure, zone: DNSBLZone, client_ip: str, failures: list[str]
+    ) -> None:
         if failure.check(NoSuchDomain):
             return None
+        failures.append(zone.zone)
         kind = "timeout or SERVFAIL" if failure.check(TemporaryFailure) else "lookup error"
         log.error(
             "DNSBL {zone} lookup for {client} failed ({kind}: {error}): treated as not listed",
