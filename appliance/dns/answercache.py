@@ -60,6 +60,8 @@ class AnswerCache:
     def __init__(self, max_entries: int = 50_000) -> None:
         self.max_entries = max_entries
         self._entries: dict[Hashable, bytes] = {}
+        #: First level: the query's exact bytes after the ID -> the reply after the ID.
+        self._exact: dict[Hashable, bytes] = {}
         self.hits = 0
         self.misses = 0
 
@@ -72,6 +74,21 @@ class AnswerCache:
         self.hits += 1
         return data[:2] + reply[2:12] + data[12:end] + reply[end:]
 
+    def get_exact(self, key: Hashable, data: bytes) -> bytes | None:
+        """The reply to a byte-identical question (same case, same EDNS), re-addressed to ``data``."""
+        tail = self._exact.get(key)
+        if tail is None:
+            return None
+        self.hits += 1
+        return data[:2] + tail
+
+    def put_exact(self, key: Hashable, reply: bytes) -> None:
+        if len(reply) < 12 or (reply[3] & 0x0F) not in _CACHEABLE_RCODES:
+            return
+        if len(self._exact) >= self.max_entries:
+            self._exact.clear()
+        self._exact[key] = reply[2:]
+
     def put(self, key: Hashable, reply: bytes) -> None:
         if len(reply) < 12 or (reply[3] & 0x0F) not in _CACHEABLE_RCODES:
             return
@@ -81,6 +98,7 @@ class AnswerCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._exact.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
