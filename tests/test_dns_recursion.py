@@ -120,7 +120,7 @@ def test_inside_zone_wins_and_resolver_is_not_asked() -> None:
     assert resolver.asked == []
     # Even a name the resolver would know is answered NXDOMAIN from the zone.
     resolver.table[(n("nothere.example.test"), 1)] = LookupResult(
-        RCode.NOERROR, False, (rr_a("nothere.example.test", "6.6.6.6"),)
+        RCode.NOERROR, False, (rr_a("nothere.example.test", "127.66.66.66"),)
     )
     reply = settle(rv(query("nothere.example.test"), LAN_CLIENT, "udp", LOCAL))
     assert reply.rcode == RCode.NXDOMAIN and reply.aa

@@ -116,13 +116,13 @@ PROVIDER = make_zone(
 )
 
 POISON = (
-    rr_a("www.other.test", "6.6.6.6"),  # out of bailiwick in the answer section
+    rr_a("www.other.test", "127.66.66.66"),  # out of bailiwick in the answer section
 )
 POISON_AUTHORITY = (rr_ns("other.test", "ns.evil.net"),)
 POISON_ADDITIONAL = (
-    rr_a("ns.evil.net", "6.6.6.6"),
-    rr_a("ns.provider.net", "6.6.6.6"),
-    rr_a("www.other.test", "6.6.6.6"),
+    rr_a("ns.evil.net", "127.66.66.66"),
+    rr_a("ns.provider.net", "127.66.66.66"),
+    rr_a("www.other.test", "127.66.66.66"),
 )
 
 
@@ -476,7 +476,7 @@ class ForwardingTests(Hierarchy):
                 reply = reply._replace(
                     answer=(
                         rr_cname("alias.remote.test", "www.inside.test"),
-                        rr_a("www.inside.test", "6.6.6.6"),
+                        rr_a("www.inside.test", "127.66.66.66"),
                     )
                 )
             return reply
