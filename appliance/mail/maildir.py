@@ -45,6 +45,9 @@ from twisted.logger import Logger
 log = Logger()
 
 _counter = itertools.count(1)
+# Maildirs this process has delivered into: their tmp/new/cur are not checked
+# again (each check is a stat and three mkdirs, each a trip through the GIL).
+_known: set[Path] = set()
 _KEY_RE = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
 SUBDIRS = ("tmp", "new", "cur")
 
@@ -148,7 +151,8 @@ def deliver(
     (ENOSPC, EDQUOT, EIO...) with nothing but a tmp/ file left behind.
     """
     maildir = Path(maildir)
-    create_maildir(maildir, sync=sync)
+    if maildir not in _known:
+        create_maildir(maildir, sync=sync)
     host = sanitize_host(hostname)
     if key is not None:
         if not _KEY_RE.match(key):
@@ -168,7 +172,15 @@ def deliver(
         usec = int(now * 1_000_000) % 1_000_000
         base = f"{int(now)}.M{usec}P{os.getpid()}Q{next(_counter)}.{host}"
     tmp = maildir / "tmp" / base
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        if maildir not in _known:
+            raise
+        # Removed since we last saw it (an administrator): make it again, once.
+        _known.discard(maildir)
+        create_maildir(maildir, sync=sync)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     size = lines = 0
     try:
         for chunk in chunks:
@@ -185,9 +197,12 @@ def deliver(
     target = maildir / "new" / name
     try:
         os.link(tmp, target)
+    except FileNotFoundError:
+        _known.discard(maildir)  # new/ is gone: the retry creates it again
+        raise
     except FileExistsError:
+        os.unlink(tmp)
         if key is None:
-            os.unlink(tmp)
             raise
         log.info("{path}: already delivered as new/{name}", path=maildir, name=name)
     except OSError as e:
@@ -197,8 +212,7 @@ def deliver(
         os.rename(tmp, target)
     else:
         os.unlink(tmp)
-    if tmp.exists():
-        os.unlink(tmp)
     if sync:
         _fsync_dir(maildir / "new")
+    _known.add(maildir)
     return f"new/{name}"

@@ -29,6 +29,12 @@ Every step is crash-safe because each state change is one ``rename``:
   fsync ``queue/``.  Only then does the Deferred fire (and the SMTP side say 250).
   A crash before the rename leaves a tmp/ leftover that recovery deletes (the
   client got no 250 and will retry); after it the message is complete.
+  Commits are grouped: those that arrive while a batch is being made durable
+  form the next batch, which does the above for each message in one thread
+  trip and fsyncs ``queue/`` once at its end, before any of them fires.  A
+  message of up to ``MEMORY_LIMIT`` bytes is held in memory while it is
+  received, so ``tmp/<qid>`` is created by the commit (a larger one spills to
+  ``tmp/<qid>/data`` as it arrives).
 * state update: write ``envelope.json.new`` in the message directory, fsync,
   rename over ``envelope.json``, fsync the directory.  A crash leaves either the
   old or the new state; a stale ``.new`` is deleted at recovery.
@@ -43,18 +49,19 @@ collide between processes or restarts.
 Disk I/O that waits for the platter (fsync) runs through an injected
 ``blocking`` callable (for example ``partial(deferToThreadPool, reactor,
 pool)``); without one it runs inline, which is what the unit tests use.
+State updates and removals go through :class:`Batched`, so that those queued
+behind a thread trip share the next one.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -62,6 +69,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from appliance.mail.interfaces import Envelope, Reply
 
@@ -96,6 +104,59 @@ class CorruptMessage(ValueError):
 
 def _inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
     return defer.execute(f, *args)
+
+
+class Batched:
+    """A :data:`Blocking` that runs the calls made while a trip is under way in one trip.
+
+    Each trip to a thread pool costs a hand-off and a GIL round trip each way;
+    under load the calls that queue up behind a trip (state writes, removals,
+    Maildir copies of many messages) go together in the next one, in order.
+    Every call still gets its own result or failure.
+    """
+
+    def __init__(self, blocking: Blocking) -> None:
+        self._blocking = blocking
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self._busy = False
+
+    def __call__(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+        self._pending.append((f, args, d))
+        if not self._busy:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        if self._busy or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._busy = True
+        self._blocking(self._run, batch).addBoth(self._done, batch)
+
+    @staticmethod
+    def _run(batch: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]]) -> list[Any]:
+        out: list[Any] = []
+        for f, args, _ in batch:
+            try:
+                out.append(f(*args))
+            except Exception:
+                out.append(Failure())
+        return out
+
+    def _done(
+        self,
+        outcome: Any,
+        batch: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]],
+    ) -> None:
+        self._busy = False
+        for i, (_, _, d) in enumerate(batch):
+            value = outcome if isinstance(outcome, Failure) else outcome[i]
+            if isinstance(value, Failure):
+                d.errback(value)
+            else:
+                d.callback(value)
+        self._next()
 
 
 def fsync_dir(path: Path) -> None:
@@ -262,27 +323,70 @@ def parse_envelope_file(raw: bytes, queue_id: str, data_path: Path) -> QueuedMes
         raise CorruptMessage(f"{queue_id}: unreadable envelope: {e}") from e
 
 
-class _Incoming:
-    """A message being received: bytes go to ``tmp/<qid>/data``, invisible until commit."""
+#: A message up to this size is held in memory until commit, so that receiving it
+#: costs the reactor thread no file-system call; a larger one spills to tmp/.
+MEMORY_LIMIT = 256 * 1024
+#: take_fresh() keeps the state and header section of up to HEAD_CACHE fresh
+#: messages, each only when the header section ends within HEAD_LIMIT bytes.
+HEAD_CACHE = 1024
+HEAD_LIMIT = 64 * 1024
 
-    def __init__(self, spool: Spool, queue_id: str, directory: Path, file: BinaryIO) -> None:
+
+@dataclass(frozen=True)
+class Fresh:
+    """A message as committed: its state and its header section (up to the empty line)."""
+
+    message: QueuedMessage
+    head: bytes
+
+
+class _Incoming:
+    """A message being received: invisible until commit.
+
+    The bytes stay in memory up to :data:`MEMORY_LIMIT`; beyond that they go to
+    ``tmp/<qid>/data``.  Commit writes whatever is still in memory in the commit
+    batch's thread (see :meth:`Spool._commit_batch`).
+    """
+
+    def __init__(self, spool: Spool, queue_id: str, directory: Path) -> None:
         self.queue_id = queue_id
         self._spool = spool
         self._dir = directory
-        self._file: BinaryIO | None = file
+        self._buffer: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
         self._size = 0
         self._error: OSError | None = None
         self._state = "open"  # open -> committing -> committed | aborted
 
     def write(self, data: bytes) -> None:
         """Append bytes; a write error is remembered and reported by commit()."""
-        if self._state != "open" or self._error is not None or self._file is None:
+        if self._state != "open" or self._error is not None:
             return
         try:
-            self._file.write(data)
+            if self._file is not None:
+                self._file.write(data)
+            elif self._buffer is not None:
+                self._buffer += data
+                if len(self._buffer) > MEMORY_LIMIT:
+                    self._spill()
+            else:
+                return
             self._size += len(data)
         except OSError as e:
             self._error = e
+
+    def _spill(self) -> None:
+        """Move the buffered bytes to ``tmp/<qid>/data`` (a large message)."""
+        assert self._buffer is not None
+        os.mkdir(self._dir, 0o700)
+        try:
+            file = open(self._dir / DATA, "xb")
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self._file = file
+        buffer, self._buffer = self._buffer, None
+        file.write(buffer)
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
         """Make the message durable, then fire with its queue id (see the module docstring)."""
@@ -309,8 +413,9 @@ class _Incoming:
             self._spool._active.discard(self.queue_id)
             return defer.fail()
         file, self._file = self._file, None
-        assert file is not None
-        d = self._spool._blocking(self._commit_blocking, file, envelope_json)
+        buffer, self._buffer = self._buffer, None
+        job = _CommitJob(self.queue_id, self._dir, file, buffer, envelope_json, message)
+        d: Deferred[Any] = self._spool._enqueue_commit(job)
 
         def done(_: None) -> str:
             self._state = "committed"
@@ -327,29 +432,6 @@ class _Incoming:
         d.addCallbacks(done, failed)
         return d
 
-    def _commit_blocking(self, file: BinaryIO, envelope_json: bytes) -> None:
-        sync = self._spool.sync
-        final = self._spool.queue_dir / self.queue_id
-        renamed = False
-        try:
-            try:
-                file.flush()
-                if sync:
-                    os.fsync(file.fileno())
-            finally:
-                file.close()
-            write_file(self._dir / ENVELOPE, envelope_json, sync=sync)
-            if sync:
-                fsync_dir(self._dir)
-            os.rename(self._dir, final)
-            renamed = True
-            if sync:
-                fsync_dir(self._spool.queue_dir)
-        except BaseException:
-            # The client will be told 452: nothing of this message may stay behind.
-            shutil.rmtree(final if renamed else self._dir, ignore_errors=True)
-            raise
-
     def abort(self) -> None:
         """Discard the message; harmless after commit started or a second time."""
         if self._state != "open":
@@ -359,13 +441,29 @@ class _Incoming:
         self._spool._active.discard(self.queue_id)
 
     def _discard(self) -> None:
+        self._buffer = None
         if self._file is not None:
             try:
                 self._file.close()
             except OSError:
                 pass
             self._file = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@dataclass
+class _CommitJob:
+    """One message of a commit batch: what the batch's thread writes and renames."""
+
+    queue_id: str
+    directory: Path
+    file: BinaryIO | None
+    buffer: bytearray | None
+    envelope_json: bytes
+    message: QueuedMessage
+    deferred: Deferred[None] = field(default_factory=Deferred)
+    renamed: bool = False
+    error: Exception | None = None
 
 
 class Spool:
@@ -391,11 +489,16 @@ class Spool:
         self.now: Callable[[], float] = clock.seconds  # type: ignore[misc]
         self.sync = sync
         self._blocking: Blocking = blocking if blocking is not None else _inline
+        self._state_blocking: Blocking = Batched(self._blocking)
         self._counter = secrets.randbelow(0x10000)
         self._locks: dict[str, defer.DeferredLock] = {}
         self._listeners: list[Callable[[str], object]] = []
         # Messages of this process in tmp/ (being received or committed): recover() spares them.
         self._active: set[str] = set()
+        self._dirs_made = False
+        self._fresh: dict[str, Fresh] = {}
+        self._pending_commits: list[_CommitJob] = []
+        self._committing = False
 
     # -- identity -----------------------------------------------------------
 
@@ -413,30 +516,124 @@ class Spool:
     # -- receiving (MessageStore) -------------------------------------------
 
     def begin(self) -> _Incoming:
-        """Start a message in tmp/; raises OSError when the spool is unusable."""
-        self._make_dirs()
-        for _ in range(5):
-            queue_id = self.new_queue_id()
-            directory = self.tmp_dir / queue_id
-            try:
-                os.mkdir(directory, 0o700)
-            except FileExistsError:
-                continue
-            try:
-                file = open(directory / DATA, "xb")
-            except BaseException:
-                shutil.rmtree(directory, ignore_errors=True)
+        """Start a message (in memory); raises OSError when the spool is unusable."""
+        if not self._dirs_made:
+            self._make_dirs()
+            self._dirs_made = True
+        # The id is unique without a look at the disk (time, counter, randomness);
+        # the commit's mkdir refuses a clash all the same.
+        queue_id = self.new_queue_id()
+        self._active.add(queue_id)
+        return _Incoming(self, queue_id, self.tmp_dir / queue_id)
+
+    # -- group commit ------------------------------------------------------------
+
+    def _enqueue_commit(self, job: _CommitJob) -> Deferred[None]:
+        """Queue a commit; it joins the next batch (one thread trip, one fsync of queue/)."""
+        self._pending_commits.append(job)
+        if not self._committing:
+            self._next_batch()
+        return job.deferred
+
+    def _next_batch(self) -> None:
+        if self._committing or not self._pending_commits:
+            return
+        batch, self._pending_commits = self._pending_commits, []
+        self._committing = True
+        self._blocking(self._commit_batch, batch).addBoth(self._batch_done, batch)
+
+    def _batch_done(self, outcome: Any, batch: list[_CommitJob]) -> None:
+        self._committing = False
+        for job in batch:
+            buffer, job.buffer = job.buffer, None
+            if isinstance(outcome, Failure):
+                job.deferred.errback(outcome)
+            elif job.error is not None:
+                job.deferred.errback(Failure(job.error))
+            else:
+                self._remember(job.message, buffer)
+                job.deferred.callback(None)
+        self._next_batch()
+
+    def _remember(self, message: QueuedMessage, buffer: bytearray | None) -> None:
+        if buffer is None or not self._listeners or len(self._fresh) >= HEAD_CACHE:
+            return
+        end = buffer.find(b"\r\n\r\n", 0, HEAD_LIMIT)
+        if end >= 0:
+            self._fresh[message.queue_id] = Fresh(message, bytes(buffer[: end + 2]))
+
+    def take_fresh(self, queue_id: str) -> Fresh | None:
+        """State and header section of a message just committed and not changed since, once.
+
+        Saves the runner reading envelope.json and a thread trip to read the
+        data file for its trace fields.  None when not (or no longer) known.
+        """
+        return self._fresh.pop(queue_id, None)
+
+    def _commit_batch(self, batch: list[_CommitJob]) -> None:
+        """Blocking: make every message of the batch durable, fsync queue/ once.
+
+        Per message (module docstring): data and envelope.json written and fsynced,
+        ``tmp/<qid>`` fsynced and renamed into queue/.  A message that fails is
+        removed and reported alone; if the final fsync of queue/ fails, every
+        renamed message of the batch is removed, since none may be acknowledged.
+        """
+        renamed: list[_CommitJob] = []
+        try:
+            for job in batch:
+                try:
+                    self._commit_one(job)
+                except Exception as e:
+                    job.error = e
+                else:
+                    renamed.append(job)
+            if renamed and self.sync:
+                fsync_dir(self.queue_dir)
+        except BaseException as e:
+            # The clients will be told 452: nothing of these messages may stay behind.
+            for job in renamed:
+                shutil.rmtree(self.queue_dir / job.queue_id, ignore_errors=True)
+                if isinstance(e, Exception):
+                    job.error = e
+            if not isinstance(e, Exception):
                 raise
-            self._active.add(queue_id)
-            return _Incoming(self, queue_id, directory, file)
-        raise OSError(errno.EEXIST, "could not allocate a unique queue id")
+
+    def _commit_one(self, job: _CommitJob) -> None:
+        sync = self.sync
+        final = self.queue_dir / job.queue_id
+        if job.file is None:
+            # A clash (EEXIST) leaves the other directory alone: nothing here is ours yet.
+            try:
+                os.mkdir(job.directory, 0o700)
+            except FileNotFoundError:  # tmp/ vanished under us: make it again
+                self._make_dirs()
+                os.mkdir(job.directory, 0o700)
+        try:
+            if job.file is not None:
+                file, job.file = job.file, None
+                try:
+                    file.flush()
+                    if sync:
+                        os.fsync(file.fileno())
+                finally:
+                    file.close()
+            else:
+                write_file(job.directory / DATA, bytes(job.buffer or b""), sync=sync)
+            write_file(job.directory / ENVELOPE, job.envelope_json, sync=sync)
+            if sync:
+                fsync_dir(job.directory)
+            os.rename(job.directory, final)
+            job.renamed = True
+        except BaseException:
+            shutil.rmtree(final if job.renamed else job.directory, ignore_errors=True)
+            raise
 
     def add_commit_listener(self, listener: Callable[[str], object]) -> None:
         """Call ``listener(queue_id)`` after each message becomes durable (the runner's notify)."""
         self._listeners.append(listener)
 
     def _committed(self, queue_id: str) -> None:
-        log.info("{qid}: queued", qid=queue_id)
+        # No log line of its own: every caller logs the transaction with the queue id.
         for listener in self._listeners:
             try:
                 listener(queue_id)
@@ -530,7 +727,7 @@ class Spool:
 
     def _locked(self, queue_id: str, f: Callable[..., T], *args: Any) -> Deferred[T]:
         lock = self._lock(queue_id)
-        d: Deferred[T] = lock.acquire().addCallback(lambda _: self._blocking(f, *args))
+        d: Deferred[T] = lock.acquire().addCallback(lambda _: self._state_blocking(f, *args))
 
         def release(result: Any) -> Any:
             self._release(queue_id, lock)
@@ -551,6 +748,7 @@ class Spool:
         so an alias expanding twice to the same remote address delivers once.
         Fires with the new state.
         """
+        self._fresh.pop(queue_id, None)
         return self._locked(queue_id, self._update_blocking, queue_id, list(updates), list(add))
 
     def update_recipient(self, queue_id: str, state: RecipientState) -> Deferred[QueuedMessage]:
@@ -566,19 +764,28 @@ class Spool:
 
     def remove(self, queue_id: str, force: bool = False) -> Deferred[None]:
         """Delete a message whose recipients are all final (any message with ``force``)."""
+        self._fresh.pop(queue_id, None)
         return self._locked(queue_id, self._remove_blocking, queue_id, force)
 
     def _remove_blocking(self, queue_id: str, force: bool) -> None:
         if not force and not self.load(queue_id).all_final:
             raise ValueError(f"{queue_id}: recipients still pending")
         directory = self._message_dir(queue_id)
-        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
         grave = self.tmp_dir / (queue_id + ".del")
         try:
             os.rename(directory, grave)
         except FileNotFoundError:
-            raise UnknownMessage(queue_id) from None
+            if not directory.exists():
+                raise UnknownMessage(queue_id) from None
+            self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+            os.rename(directory, grave)
         # No fsync of queue/ here: if a crash loses this rename, the message comes back
         # and is delivered again, which the Maildir layer recognises (one copy per box).
-        shutil.rmtree(grave, ignore_errors=True)
+        try:
+            # The usual content, without rmtree's directory scan and stats.
+            for name in (DATA, ENVELOPE):
+                os.unlink(grave / name)
+            os.rmdir(grave)
+        except OSError:
+            shutil.rmtree(grave, ignore_errors=True)
         log.info("{qid}: removed", qid=queue_id)
