@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -49,6 +50,29 @@ def shift_ports(config: Path, ports: dict[str, int]) -> None:
     for role, port in ports.items():
         text = re.sub(rf"^({role} = \{{.*port = )\d+", rf"\g<1>{port}", text, flags=re.M)
     config.write_text(text)
+
+
+ROLES = ("dns", "smtp", "submission", "smtps", "pop3", "pop3s")
+
+
+def demo_on_free_ports(tmp: Path, host: str = "127.0.0.10") -> tuple[Path, dict[str, int]]:
+    """A demo copy under ``tmp`` whose listeners all moved to free ports (role -> port)."""
+    from tests.harness import demo_copy
+
+    config = demo_copy(tmp)
+    ports = {role: free_port(host) for role in ROLES}
+    shift_ports(config, ports)
+    return config, ports
+
+
+class Setup:
+    """What a BIND interop fixture hands its tests: both servers, our DNS port, the zone file."""
+
+    def __init__(self, appliance: Any, named: Named, port: int, zone_file: Path) -> None:
+        self.appliance = appliance
+        self.named = named
+        self.port = port
+        self.zone_file = zone_file
 
 
 class Named:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -25,8 +24,15 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.harness import ApplianceProcess, demo_copy
-from tests.test_dns_bind_support import Named, bind_available, free_port, shift_ports, soa_serial
+from tests.harness import ApplianceProcess
+from tests.test_dns_bind_support import (
+    Named,
+    Setup,
+    bind_available,
+    demo_on_free_ports,
+    free_port,
+    soa_serial,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -66,22 +72,10 @@ host    IN A    192.0.2.1
 """
 
 
-class Setup:
-    def __init__(self, appliance: ApplianceProcess, named: Named, port: int, zone_file: Path):
-        self.appliance = appliance
-        self.named = named
-        self.port = port
-        self.zone_file = zone_file
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("secondary-bind")
-    config = demo_copy(tmp)
-    ports = {
-        role: free_port(OUTSIDE) for role in ("dns", "smtp", "submission", "smtps", "pop3", "pop3s")
-    }
-    shift_ports(config, ports)
+    config, ports = demo_on_free_ports(tmp, OUTSIDE)
     bind_port = free_port(BIND)
     text = config.read_text().replace(
         'file = "zones/outside/example.test.zone"\nallow_transfer = ["127.0.2.0/24"]',
