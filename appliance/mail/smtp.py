@@ -60,6 +60,7 @@ from appliance.mail.gate.verdict import Action as GateAction
 from appliance.mail.interfaces import Envelope, IncomingMessage, MessageStore, RecipientCheck, Reply
 from appliance.mail.relay import RelayPolicy
 from appliance.mail.submission import HeaderCompleter, SenderPolicy
+from appliance.netio import write_now
 
 log = Logger(namespace="appliance.mail.smtp")
 
@@ -300,7 +301,7 @@ class SMTPServer(Protocol):
         if self._out and self.transport is not None:
             data = b"".join(self._out)
             self._out = []
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def _close(self) -> None:
         """Send what is queued and drop the connection; later input is ignored."""

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.directory.base import Directory, DirectoryUnavailable, User
+from appliance.netio import write_now
 from appliance.pop3.mailbox import (
     CHUNK,
     DEFAULT_LOCKS,
@@ -394,7 +395,7 @@ class POP3Server(Protocol):
 
     def _send(self, text: str) -> None:
         if self.transport is not None and not self._disconnected:
-            self.transport.write(text.encode("utf-8") + b"\r\n")
+            write_now(self.transport, text.encode("utf-8") + b"\r\n")
 
     def write(self, data: bytes) -> None:
         """Send raw bytes (nothing once the connection is gone)."""
@@ -402,7 +403,7 @@ class POP3Server(Protocol):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self._disconnected:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace")
