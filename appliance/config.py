@@ -17,9 +17,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.schema import Problem, Problems, Table, parse_duration, read_dataclass
+
+if TYPE_CHECKING:
+    from appliance.mail.smtp_client import Credentials
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -171,6 +174,14 @@ class DeliveryConfig:
     relay_lifetime: float
     retry_intervals: tuple[float, ...]
     concurrency: int
+    destination_concurrency: int
+    #: Seconds after arrival when the sender is told a message is still being retried (0: never).
+    delay_warning: float = 0.0
+    #: Whether postmaster gets a headers-only copy of every bounce (sendmail's PostMasterCopy).
+    bounce_copy_to_postmaster: bool = False
+    #: ``smart_host_auth_file`` and the login read from it at load (smart host AUTH, issue 7).
+    smart_host_auth_file: Path | None = None
+    smart_host_credentials: Credentials | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -655,9 +666,83 @@ def _delivery(table: Table) -> DeliveryConfig:
         relay_lifetime=table.duration("relay_lifetime", "10d"),
         retry_intervals=tuple(retry),
         concurrency=table.integer("concurrency", 20, 1, 1000),
+        destination_concurrency=table.integer("destination_concurrency", 20, 1, 1000),
+        delay_warning=table.duration("delay_warning", 0),
+        bounce_copy_to_postmaster=table.boolean("bounce_copy_to_postmaster", False),
     )
+    if table.has("smart_host_auth_file"):
+        auth_file = table.path("smart_host_auth_file")
+        credentials = None
+        if table._data.get("smart_host_auth_file") == "":
+            table.error("smart_host_auth_file", "must name a file")
+        elif isinstance(table._data.get("smart_host_auth_file"), str):
+            credentials = _smart_host_credentials(table, "smart_host_auth_file", auth_file)
+        if not smart:
+            table.error(
+                "smart_host_auth_file",
+                "is set but smart_host is not (AUTH is only for the smart host)",
+            )
+        if not config.opportunistic_tls:
+            table.error(
+                "smart_host_auth_file",
+                "the login is sent only after STARTTLS, which opportunistic_tls = false turns off",
+            )
+        config = dataclasses.replace(
+            config, smart_host_auth_file=auth_file, smart_host_credentials=credentials
+        )
     table.done()
     return config
+
+
+def _smart_host_credentials(table: Table, key: str, path: Path) -> Credentials | None:
+    """The one ``username password`` line of the smart host's AUTH file, or None after an error.
+
+    Like an ssh private key, the file must not grant group or other any
+    permission.  ``#`` comment lines and blank lines are ignored; the first
+    run of white space ends the username, the rest of the line (stripped) is
+    the password.  Errors never quote the password.
+    """
+    import stat
+
+    from appliance.mail.smtp_client import Credentials
+
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            table.error(key, f"{path} is not a regular file")
+            return None
+        if info.st_mode & 0o077:
+            mode = stat.S_IMODE(info.st_mode)
+            table.error(
+                key,
+                f"{path} has mode {mode:04o}: it holds a password, so it must not grant"
+                " group or other any permission (chmod 600)",
+            )
+            return None
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        table.error(key, f"{path} does not exist")
+        return None
+    except OSError as e:
+        table.error(key, f"cannot read {path}: {e.strerror or e}")
+        return None
+    except UnicodeDecodeError:
+        table.error(key, f"{path} is not UTF-8 text")
+        return None
+    lines = [
+        (number, line.strip())
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    if len(lines) != 1:
+        table.error(key, f"{path} must hold exactly one 'username password' line, not {len(lines)}")
+        return None
+    number, line = lines[0]
+    parts = line.split(None, 1)
+    if len(parts) != 2 or not parts[1].strip():
+        table.error(key, f"{path} line {number} must be 'username password'")
+        return None
+    return Credentials(parts[0], parts[1].strip())
 
 
 def _gate(top: Table, hostname: str, state_dir: Path) -> Any:

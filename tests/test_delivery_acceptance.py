@@ -19,6 +19,7 @@ import json
 import random
 import smtplib
 import stat
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -398,6 +399,7 @@ def test_smart_host_then_fallback_relay(tmp_path: Path) -> None:
         wait_until(lambda: first in smart.delivered(), what="delivery to the smart host")
         assert fallback.connections == 0
         smart.greeting = "421 4.3.2 going down"
+        time.sleep(2.5)  # the connection kept for reuse expires after 2 s idle (QUIT)
         second = unique("elsewhere.test")
         net.send([second])
         wait_until(lambda: second in fallback.delivered(), what="delivery to the fallback relay")

@@ -72,20 +72,22 @@ class MixedResults(unittest.TestCase):
             ["mail.example.test"],
             ["127.0.0.10"],
         )
+        self.delivery = RemoteDelivery(
+            router,
+            NoDNS(),
+            OutboundSettings(helo_name="mail.example.test", opportunistic_tls=False),
+            reactor,
+            lambda address, port: tcp_endpoint(reactor, address, port),
+            random.Random(1),
+        )
+        self.addCleanup(self.delivery.close)  # QUIT on the connection kept for reuse
         self.runner = QueueRunner(
             self.spool,
             recipients,
             self.root / "mail",
             "mail.example.test",
             reactor,
-            remote_delivery=RemoteDelivery(
-                router,
-                NoDNS(),
-                OutboundSettings(helo_name="mail.example.test", opportunistic_tls=False),
-                reactor,
-                lambda address, port: tcp_endpoint(reactor, address, port),
-                random.Random(1),
-            ),
+            remote_delivery=self.delivery,
             bounce=BounceWriter(
                 self.spool, "mail.example.test", "postmaster@example.test", reactor
             ),

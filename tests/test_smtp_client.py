@@ -220,18 +220,19 @@ def test_pipelined_transaction_with_mixed_recipient_replies() -> None:
     peer = Peer()
     peer.send(["ok@remote.test", "later@remote.test", "gone@remote.test", "ok2@remote.test"])
     peer.greet()
-    # MAIL and every RCPT in one write, before any reply (RFC 2920)
+    # MAIL, every RCPT and DATA in one write, before any reply (RFC 2920 3.1)
     assert peer.written() == (
         (b"MAIL FROM:<alice@example.test> SIZE=%d\r\n" % len(MESSAGE))
         + b"RCPT TO:<ok@remote.test>\r\n"
         b"RCPT TO:<later@remote.test>\r\n"
         b"RCPT TO:<gone@remote.test>\r\n"
         b"RCPT TO:<ok2@remote.test>\r\n"
+        b"DATA\r\n"
     )
     peer.reply(
         b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n451 4.2.0 try later\r\n550 5.1.1 no such user\r\n250 2.1.5 Ok\r\n"
     )
-    assert peer.written() == b"DATA\r\n"
+    assert peer.written() == b""
     peer.reply(b"354 go ahead\r\n")
     data = peer.pump()
     assert data == b"Subject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n"
@@ -403,7 +404,9 @@ def test_mail_rejected_applies_to_every_recipient() -> None:
         peer.greet()
         peer.written()
         peer.reply(b"%d sender refused\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n" % code)
-        assert peer.written() == b"QUIT\r\n"  # no DATA
+        assert peer.written() == b""  # the pipelined DATA's answer is still to come
+        peer.reply(b"503 5.5.1 need RCPT\r\n")
+        assert peer.written() == b"QUIT\r\n"  # no message
         peer.reply(b"221 bye\r\n")
         result = peer.result
         assert codes(result) == {"b@remote.test": code, "c@remote.test": code}
@@ -415,18 +418,32 @@ def test_all_recipients_refused_means_no_data() -> None:
     peer.send(["b@remote.test", "c@remote.test"], close=True)
     peer.greet()
     peer.written()
-    peer.reply(b"250 ok\r\n550 no\r\n450 busy\r\n")
+    peer.reply(b"250 ok\r\n550 no\r\n450 busy\r\n554 5.5.1 no valid recipients\r\n")
     assert peer.written() == b"QUIT\r\n"
+
+
+def test_pipelined_data_accepted_without_recipients_gets_an_empty_message() -> None:
+    # RFC 2920 3.1 says a server must refuse it; one that says 354 gets only the dot.
+    peer = Peer()
+    peer.send(["b@remote.test"], close=True)
+    peer.greet()
+    peer.written()
+    peer.reply(b"250 ok\r\n550 no\r\n354 go ahead\r\n")
+    assert peer.written() == b".\r\n"
+    peer.reply(b"554 5.5.1 no valid recipients\r\n")
+    assert peer.written() == b"QUIT\r\n"
+    peer.reply(b"221 bye\r\n")
+    assert codes(peer.result) == {"b@remote.test": 550}
 
 
 def test_data_refused() -> None:
     peer = Peer()
     peer.send(["b@remote.test", "c@remote.test"], close=True)
     peer.greet()
-    peer.written()
+    assert peer.written().endswith(b"DATA\r\n")
     peer.reply(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n")
     peer.reply(b"554 5.5.1 no valid recipients\r\n")
-    assert peer.written() == b"DATA\r\nQUIT\r\n"
+    assert peer.written() == b"QUIT\r\n"
     peer.reply(b"221 bye\r\n")
     assert peer.result.replies["b@remote.test"] == Reply(554, "5.5.1", "no valid recipients")
     assert peer.result.replies["c@remote.test"] == Reply(550, "5.1.1", "no")
@@ -618,7 +635,6 @@ def test_message_from_a_file_with_lf_line_ends(tmp_path: Any) -> None:
     peer.greet()
     peer.written()
     peer.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    assert peer.written() == b"DATA\r\n"
     assert peer.pump() == b"Subject: x\r\n\r\n..dot\r\nend\r\n.\r\n"
 
 
@@ -661,7 +677,7 @@ def test_connection_lost_after_starttls_is_reported_as_tls_failure() -> None:
     assert result.tls_failed and result.replies["b@remote.test"].enhanced == "4.7.5"
 
 
-def test_connection_reuse_with_rset() -> None:
+def test_connection_reuse_after_a_complete_transaction_needs_no_rset() -> None:
     peer = Peer()
     peer.send(["b@remote.test"])
     peer.greet()
@@ -670,19 +686,36 @@ def test_connection_reuse_with_rset() -> None:
     peer.reply(b"250 queued\r\n")
     assert peer.session.usable
     peer.send(["c@remote.test"], b"second\r\n")
-    assert peer.written() == b"RSET\r\n"
-    peer.reply(b"250 reset\r\n")
-    assert peer.written().startswith(
-        b"MAIL FROM:<alice@example.test> SIZE=8\r\nRCPT TO:<c@remote.test>"
+    # RFC 5321 4.1.1.4: the end of data closed the transaction; the next MAIL may follow.
+    assert peer.written() == (
+        b"MAIL FROM:<alice@example.test> SIZE=8\r\nRCPT TO:<c@remote.test>\r\nDATA\r\n"
     )
     peer.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    assert peer.pump() == b"DATA\r\nsecond\r\n.\r\n"
+    assert peer.pump() == b"second\r\n.\r\n"
     peer.reply(b"250 queued 2\r\n")
     assert [codes(r) for r in peer.results] == [{"b@remote.test": 250}, {"c@remote.test": 250}]
     closing = peer.session.close()
     peer.reply(b"221 bye\r\n")
     assert closing.called and peer.endpoint.transport.closed
     assert not peer.clock.getDelayedCalls()
+
+
+def test_connection_reuse_after_an_unfinished_transaction_starts_with_rset() -> None:
+    peer = Peer()
+    peer.send(["b@remote.test"])
+    peer.greet()
+    peer.written()
+    peer.reply(b"250 ok\r\n550 5.1.1 no\r\n554 5.5.1 no valid recipients\r\n")
+    assert codes(peer.results[0]) == {"b@remote.test": 550}
+    assert peer.session.usable
+    peer.send(["c@remote.test"], b"second\r\n")
+    assert peer.written() == b"RSET\r\n"  # MAIL was accepted: the transaction is open
+    peer.reply(b"250 reset\r\n")
+    assert peer.written().startswith(b"MAIL FROM:<alice@example.test> SIZE=8\r\n")
+    peer.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert peer.pump() == b"second\r\n.\r\n"
+    peer.reply(b"250 queued 2\r\n")
+    assert codes(peer.results[1]) == {"c@remote.test": 250}
 
 
 def test_after_a_broken_session_every_send_gets_the_error() -> None:
@@ -699,7 +732,7 @@ def test_rcpt_replies_outside_2xx_4xx_5xx_are_temporary() -> None:
     peer = Peer()
     peer.send(["b@remote.test"], close=True)
     peer.greet()
-    peer.reply(b"250 ok\r\n354 what\r\n")
+    peer.reply(b"250 ok\r\n354 what\r\n503 5.5.1 no recipients\r\n")
     assert peer.written().endswith(b"QUIT\r\n")
     peer.reply(b"221 bye\r\n")
     assert peer.result.replies["b@remote.test"].temporary

@@ -106,6 +106,7 @@ def _human_text(
     kind: str,
     reporting_mta: str,
     failed: Sequence[tuple[str, Reply, str | None]],
+    sender: str | None = None,
 ) -> str:
     if kind == FAILED:
         intro = [
@@ -123,6 +124,9 @@ def _human_text(
             "This is only a warning.",
         ]
     lines = [*intro, ""]
+    if sender is not None:
+        # A copy for someone else (postmaster): the headers below may not say who sent it.
+        lines += [f"The message was sent by <{_clean(sender)}>.", ""]
     for recipient, reply, remote in failed:
         where = f" (remote host {_clean(remote)} said)" if remote else ""
         lines.append(f"<{_clean(recipient)}>{where}:")
@@ -178,6 +182,7 @@ def build_bounce(
     last_attempt: float | None = None,
     retry_until: float | None = None,
     message_id: str | None = None,
+    subject: str | None = None,
 ) -> bytes:
     """An RFC 3464 report about ``failed`` recipients of a message, as CRLF-terminated bytes.
 
@@ -188,6 +193,8 @@ def build_bounce(
     :data:`DELAYED`.  ``to`` is the report's recipient, by default the original
     sender (see :func:`bounce_recipient` for the rule; the report is sent with
     the null envelope sender ``<>``).  Times are POSIX timestamps.
+    ``retry_until`` is the Will-Retry-Until of a :data:`DELAYED` report (RFC
+    3464 2.3.8); ``subject`` replaces the usual one (a postmaster copy's).
     """
     if kind not in (FAILED, DELAYED):
         raise ValueError(f"unknown report kind {kind!r}")
@@ -201,18 +208,21 @@ def build_bounce(
     boundary = f"=_report_{token}"
     if message_id is None:
         message_id = f"<{int(now)}.{token}@{reporting_mta}>"
-    subject = (
-        "Undelivered Mail Returned to Sender"
-        if kind == FAILED
-        else "Delayed Mail (still being retried)"
-    )
+    if subject is None:
+        subject = (
+            "Undelivered Mail Returned to Sender"
+            if kind == FAILED
+            else "Delayed Mail (still being retried)"
+        )
+    sender = original_envelope.sender
+    about = sender if sender and sender.lower() != rcpt.lower() else None
     headers = original_headers(original)
     headers_8bit = any(b > 0x7F for b in headers)
     head = "\r\n".join(
         [
             f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
             _fold("To", f"<{rcpt}>"),
-            f"Subject: {subject}",
+            _fold("Subject", subject),
             f"Date: {_date(now)}",
             f"Message-ID: {_clean(message_id)}",
             "Auto-Submitted: auto-replied",
@@ -227,7 +237,7 @@ def build_bounce(
     parts = [
         "Content-Description: Notification\r\n"
         "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
-        + _human_text(kind, reporting_mta, failed),
+        + _human_text(kind, reporting_mta, failed, about),
         "Content-Description: Delivery report\r\n"
         "Content-Type: message/delivery-status\r\n\r\n"
         + _status_part(

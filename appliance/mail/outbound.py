@@ -19,11 +19,13 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from appliance.mail.dsn import bounce_recipient, build_bounce
+from appliance.mail.connections import SessionPool
+from appliance.mail.dsn import DELAYED, FAILED, bounce_recipient, build_bounce
 from appliance.mail.interfaces import Envelope, MessageStore, Reply
 from appliance.mail.queue import QueuedMessage, RecipientState
-from appliance.mail.routing import Router, group_by_route
-from appliance.mail.smtp_client import OutboundSettings, attempt_route
+from appliance.mail.routing import Route, Router, group_by_route
+from appliance.mail.runner import RemoteReply
+from appliance.mail.smtp_client import OutboundSettings, Outcome, attempt_route
 
 log = Logger(namespace="appliance.mail.outbound")
 
@@ -43,6 +45,8 @@ class RemoteDelivery:
         endpoints: Callable[[str, int], Any],
         rng: random.Random | None = None,
         concurrency: int = 20,
+        destination_concurrency: int = 20,
+        pool: SessionPool | None = None,
     ) -> None:
         self.router = router
         self.resolver = resolver
@@ -50,7 +54,44 @@ class RemoteDelivery:
         self.clock = clock
         self.endpoints = endpoints
         self.rng = rng or random.SystemRandom()
+        self.pool = pool if pool is not None else SessionPool(clock)
+        self.destination_concurrency = max(1, destination_concurrency)
         self._slots = defer.DeferredSemaphore(max(1, concurrency))
+        self._per_route: dict[Route, defer.DeferredSemaphore] = {}
+
+    def close(self) -> Deferred[None]:
+        """Say QUIT on the connections kept for reuse (at shutdown)."""
+        return self.pool.close_all()
+
+    def _attempt(
+        self, route: Route, sender: str, members: list[str], message: QueuedMessage
+    ) -> Deferred[dict[str, Outcome]]:
+        """One attempt for one next hop, holding a slot overall and one for the destination."""
+        semaphore = self._per_route.get(route)
+        if semaphore is None:
+            semaphore = self._per_route[route] = defer.DeferredSemaphore(
+                self.destination_concurrency
+            )
+
+        def release(result: object) -> object:
+            if semaphore.tokens == semaphore.limit and not semaphore.waiting:
+                self._per_route.pop(route, None)
+            return result
+
+        return semaphore.run(
+            self._slots.run,
+            attempt_route,
+            route,
+            sender,
+            members,
+            message.data_path,
+            self.resolver,
+            self.settings,
+            self.clock,
+            self.endpoints,
+            self.rng,
+            self.pool,
+        ).addBoth(release)
 
     def __call__(
         self, message: QueuedMessage, recipients: Sequence[RecipientState]
@@ -60,18 +101,7 @@ class RemoteDelivery:
     async def _deliver(self, message: QueuedMessage, recipients: list[str]) -> Mapping[str, Reply]:
         groups = group_by_route(self.router, recipients)
         attempts = [
-            self._slots.run(
-                attempt_route,
-                route,
-                message.envelope.sender,
-                members,
-                message.data_path,
-                self.resolver,
-                self.settings,
-                self.clock,
-                self.endpoints,
-                self.rng,
-            )
+            self._attempt(route, message.envelope.sender, members, message)
             for route, members in groups.items()
         ]
         replies: dict[str, Reply] = {}
@@ -79,8 +109,13 @@ class RemoteDelivery:
             for recipient, outcome in outcomes.items():
                 reply = outcome.reply
                 if outcome.remote_mta:
-                    reply = Reply(
-                        reply.code, reply.enhanced, f"{outcome.remote_mta} said: {reply.text}"
+                    # The text keeps the host for mailq and the log; the DSN takes it
+                    # from remote_mta (Remote-MTA, RFC 3464 2.3.5).
+                    reply = RemoteReply(
+                        reply.code,
+                        reply.enhanced,
+                        f"{outcome.remote_mta} said: {reply.text}",
+                        remote_mta=outcome.remote_mta,
                     )
                 replies[recipient] = reply
                 log.info(
@@ -96,16 +131,37 @@ class RemoteDelivery:
 
 
 class BounceWriter:
-    """``bounce`` hook of the queue runner: queue a DSN for failed recipients, never to ``<>``."""
+    """``bounce`` hook of the queue runner: queue a DSN for failed recipients, never to ``<>``.
 
-    def __init__(self, store: MessageStore, hostname: str, postmaster: str, clock: Any) -> None:
+    Also the ``delay_notice`` hook (:meth:`delay_notice`: an ``Action: delayed``
+    report, never to ``<>`` either).  With ``copy_to_postmaster`` every failure
+    report to a sender also goes, as a separate message with the null sender,
+    to postmaster (sendmail's PostMasterCopy); like every report it carries
+    the original message's headers only (RFC 3462 ``text/rfc822-headers``).
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        hostname: str,
+        postmaster: str,
+        clock: Any,
+        copy_to_postmaster: bool = False,
+    ) -> None:
         self.store = store
         self.hostname = hostname
         self.postmaster = postmaster
         self.clock = clock
+        self.copy_to_postmaster = copy_to_postmaster
 
     def __call__(self, message: QueuedMessage, failed: Sequence[RecipientState]) -> Deferred[None]:
         return defer.ensureDeferred(self._bounce(message, failed))
+
+    def delay_notice(
+        self, message: QueuedMessage, delayed: Sequence[RecipientState], retry_until: float
+    ) -> Deferred[None]:
+        """Queue the "still being retried" report for ``delayed`` (RFC 3464 2.3.3, 2.3.8)."""
+        return defer.ensureDeferred(self._delay_notice(message, delayed, retry_until))
 
     async def _bounce(self, message: QueuedMessage, failed: Sequence[RecipientState]) -> None:
         addresses = [r.original or r.address for r in failed]
@@ -117,21 +173,87 @@ class BounceWriter:
                 rcpts=", ".join(addresses),
             )
             return
-        with message.data_path.open("rb") as f:
-            original = f.read(_ORIGINAL_LIMIT)
+        original = self._original(message)
+        entries = [(r.original or r.address, _reply(r), r.remote_mta) for r in failed]
         report = build_bounce(
             message.envelope,
             original,
-            [(r.original or r.address, _reply(r), None) for r in failed],
+            entries,
             self.hostname,
             message.envelope.received_at,
             to=to,
             now=self.clock.seconds(),
         )
+        queue_id = await self._queue(report, to)
+        log.info(
+            "{qid}: sender non-delivery notification: {bounce} to <{to}>",
+            qid=message.queue_id,
+            bounce=queue_id,
+            to=to,
+        )
+        if not self.copy_to_postmaster or to.lower() == self.postmaster.lower():
+            # A report that goes to postmaster anyway (a double bounce) needs no copy.
+            return
+        copy = build_bounce(
+            message.envelope,
+            original,
+            entries,
+            self.hostname,
+            message.envelope.received_at,
+            FAILED,
+            to=self.postmaster,
+            now=self.clock.seconds(),
+            subject="Postmaster Copy: Undelivered Mail",
+        )
+        try:
+            copy_id = await self._queue(copy, self.postmaster)
+        except Exception:
+            # The sender's report is queued: a failed copy must not make the runner repeat it.
+            log.failure("{qid}: could not queue the postmaster copy", qid=message.queue_id)
+            return
+        log.info(
+            "{qid}: postmaster non-delivery notification: {bounce} to <{to}>",
+            qid=message.queue_id,
+            bounce=copy_id,
+            to=self.postmaster,
+        )
+
+    async def _delay_notice(
+        self, message: QueuedMessage, delayed: Sequence[RecipientState], retry_until: float
+    ) -> None:
+        to = bounce_recipient(message.envelope.sender, self.postmaster, kind=DELAYED)
+        if to is None:
+            return
+        entries = [(r.original or r.address, _delay_reply(r), r.remote_mta) for r in delayed]
+        report = build_bounce(
+            message.envelope,
+            self._original(message),
+            entries,
+            self.hostname,
+            message.envelope.received_at,
+            DELAYED,
+            to=to,
+            now=self.clock.seconds(),
+            retry_until=retry_until,
+        )
+        queue_id = await self._queue(report, to)
+        log.info(
+            "{qid}: sender delay notification: {notice} to <{to}>",
+            qid=message.queue_id,
+            notice=queue_id,
+            to=to,
+        )
+
+    def _original(self, message: QueuedMessage) -> bytes:
+        with message.data_path.open("rb") as f:
+            return f.read(_ORIGINAL_LIMIT)
+
+    async def _queue(self, report: bytes, to: str) -> str:
+        """Commit ``report`` to the spool for ``to`` with the null sender ``<>``; its queue id."""
         incoming = self.store.begin()
         try:
             incoming.write(report)
-            queue_id = await incoming.commit(
+            return await incoming.commit(
                 Envelope(
                     sender="",
                     recipients=(to,),
@@ -145,16 +267,23 @@ class BounceWriter:
         except BaseException:
             incoming.abort()
             raise
-        log.info(
-            "{qid}: sender non-delivery notification: {bounce} to <{to}>",
-            qid=message.queue_id,
-            bounce=queue_id,
-            to=to,
-        )
 
 
-def _reply(state: RecipientState) -> Reply:
-    return state.last_reply or Reply(550, "5.0.0", "Delivery failed")
+_FAILED_REPLY = Reply(550, "5.0.0", "Delivery failed")
+_DELAYED_REPLY = Reply(451, "4.0.0", "Delivery delayed")
+
+
+def _reply(state: RecipientState, default: Reply = _FAILED_REPLY) -> Reply:
+    """The reply to report for ``state``, as recorded (a remote one names its host in the text)."""
+    return state.last_reply or default
+
+
+def _delay_reply(state: RecipientState) -> Reply:
+    """The reply for a delay notice: always a temporary one (Status 4.X.X, RFC 3464 2.3.4)."""
+    reply = _reply(state, _DELAYED_REPLY)
+    if reply.temporary:
+        return reply
+    return Reply(451, "4.0.0", reply.text)
 
 
 def postmaster_address(local_domains: Sequence[str], hostname: str) -> str:

@@ -16,11 +16,16 @@ On-disk format (one directory per message, qmail's spirit, JSON instead of pickl
 ``envelope.json`` is ``{"version": 1, "queue_id", "size", "envelope": {...the
 Envelope fields...}, "recipients": [{"address", "status", "attempts",
 "next_attempt", "last_reply": {"code", "enhanced", "text"} | null,
-"updated_at", "original", "dsn_sent"}, ...]}``.  ``status`` is ``pending``
-(never tried), ``deferred`` (tried, temporary failure, retry at
-``next_attempt``), ``delivered``, ``failed`` (permanent; a DSN is owed until
-``dsn_sent``) or ``expanded`` (an alias whose remote targets were appended as
-new recipients with ``original`` naming it).  The last three are final.
+"updated_at", "original", "dsn_sent", "remote_mta", "delay_notified"}, ...]}``.
+``status`` is ``pending`` (never tried), ``deferred`` (tried, temporary
+failure, retry at ``next_attempt``), ``delivered``, ``failed`` (permanent; a
+DSN is owed until ``dsn_sent``) or ``expanded`` (an alias whose remote targets
+were appended as new recipients with ``original`` naming it).  The last three
+are final.  ``remote_mta`` names the remote server that gave ``last_reply``
+(null when the outcome was decided here; the DSN's Remote-MTA field, RFC 3464
+2.3.5) and ``delay_notified`` records that the sender got the delay notice
+for this recipient (RFC 3464 ``Action: delayed``), so a restart never sends it
+twice.  Both were added later: an entry without them reads as null / false.
 
 Every step is crash-safe because each state change is one ``rename``:
 
@@ -61,7 +66,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -202,6 +207,8 @@ class RecipientState:
     updated_at: float = 0.0
     original: str | None = None
     dsn_sent: bool = False
+    remote_mta: str | None = None
+    delay_notified: bool = False
 
     @property
     def final(self) -> bool:
@@ -210,8 +217,15 @@ class RecipientState:
 
     def to_json(self) -> dict[str, Any]:
         """The recipient's entry in envelope.json."""
-        d = asdict(self)
-        d["last_reply"] = None if self.last_reply is None else asdict(self.last_reply)
+        # vars() rather than asdict(): asdict deep-copies every field, a measurable
+        # cost on the path that commits each message.
+        d = dict(vars(self))
+        reply = self.last_reply
+        d["last_reply"] = (
+            None
+            if reply is None
+            else {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+        )
         return d
 
     @classmethod
@@ -232,6 +246,8 @@ class RecipientState:
             updated_at=float(d.get("updated_at", 0.0)),
             original=None if d.get("original") is None else str(d["original"]),
             dsn_sent=bool(d.get("dsn_sent", False)),
+            remote_mta=None if d.get("remote_mta") is None else str(d["remote_mta"]),
+            delay_notified=bool(d.get("delay_notified", False)),
         )
 
 
@@ -282,12 +298,15 @@ class QueuedMessage:
             "envelope": _envelope_to_json(self.envelope),
             "recipients": [r.to_json() for r in self.recipients],
         }
-        return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+        # No indent: json's C encoder only runs without one; the file is still one
+        # line of sorted keys, readable with any JSON tool.
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def _envelope_to_json(envelope: Envelope) -> dict[str, Any]:
-    d = asdict(envelope)
+    d = dict(vars(envelope))
     d["recipients"] = list(envelope.recipients)
+    d["mail_parameters"] = dict(envelope.mail_parameters)
     return d
 
 

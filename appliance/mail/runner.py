@@ -17,9 +17,15 @@ RFC 5321 4.4), and records the outcome per recipient in the spool:
   back-off; past ``lifetime`` a deferred recipient becomes ``failed``.
 
 Remote recipients are left to the ``remote_delivery`` hook (None: they stay
-pending for whoever delivers them); ``failed`` recipients are handed to the
-``bounce`` hook (the DSN writer) and marked ``dsn_sent`` once it returned.  A
-message is removed when every recipient is final and every DSN is sent.
+pending for whoever delivers them); a :class:`RemoteReply` it returns names the
+remote server, which is kept as the recipient's ``remote_mta``.  ``failed``
+recipients are handed to the ``bounce`` hook (the DSN writer) and marked
+``dsn_sent`` once it returned.  A message is removed when every recipient is
+final and every DSN is sent.  With ``delay_warning`` set, a recipient still
+deferred that long after the message arrived is handed once to the
+``delay_notice`` hook (an RFC 3464 ``Action: delayed`` report, never for a
+message from ``<>``) and marked ``delay_notified``, so that a restart does not
+warn again.
 
 Crash safety: the state is written only after the Maildir copy is durable.
 A crash in between makes the next run deliver again, and the Maildir layer
@@ -40,7 +46,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +82,28 @@ RemoteDelivery = Callable[
 ]
 #: Sends (enqueues) the DSN for the given failed recipients; may return a Deferred.
 Bounce = Callable[[QueuedMessage, Sequence[RecipientState]], "Deferred[Any] | None"]
+#: Sends (enqueues) the delay notice for the given deferred recipients, whose
+#: lifetime ends at the given time (RFC 3464 2.3.8 Will-Retry-Until).
+DelayNotice = Callable[[QueuedMessage, Sequence[RecipientState], float], "Deferred[Any] | None"]
 
 DEFAULT_RETRY = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 READ_CHUNK = 64 * 1024
 HEADER_LIMIT = 1024 * 1024
+#: Up to this size a message's header is read on the reactor thread: a thread trip
+#: costs more than reading a few kilobytes from the page cache.
+INLINE_READ = 256 * 1024
+
+
+@dataclass(frozen=True)
+class RemoteReply(Reply):
+    """A reply from a remote server, as the ``remote_delivery`` hook may return it.
+
+    ``remote_mta`` is that server's name; the runner keeps it next to the reply
+    (``RecipientState.remote_mta``) for the DSN's Remote-MTA field (RFC 3464
+    2.3.5) and stores the reply itself as a plain :class:`Reply`.
+    """
+
+    remote_mta: str = field(default="", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,8 @@ class QueueRunner:
         *,
         remote_delivery: RemoteDelivery | None = None,
         bounce: Bounce | None = None,
+        delay_notice: DelayNotice | None = None,
+        delay_warning: float = 0.0,
         blocking: Blocking | None = None,
         sync: bool = True,
         retry_intervals: Sequence[float] = DEFAULT_RETRY,
@@ -151,6 +177,9 @@ class QueueRunner:
         self.clock: Any = clock
         self.remote_delivery = remote_delivery
         self.bounce = bounce
+        self.delay_notice = delay_notice
+        #: Seconds after arrival when a still-deferred recipient earns a delay notice (0: never).
+        self.delay_warning = delay_warning
         self.sync = sync
         self.retry_intervals = tuple(retry_intervals) or DEFAULT_RETRY
         self.poll_interval = poll_interval
@@ -293,6 +322,8 @@ class QueueRunner:
         if local or remote:
             if fresh is not None:
                 trace = parse_trace(fresh.head)
+            elif message.size <= INLINE_READ:
+                trace = read_trace(message.data_path)  # as small as the envelope load()
             else:
                 trace = await self._blocking(read_trace, message.data_path)
             hops = trace.received
@@ -324,6 +355,7 @@ class QueueRunner:
             message = await self.spool.update_recipients(queue_id, updates, added)
         if not bounce_failed:
             message = await self._send_bounces(message)
+        message = await self._send_delay_notices(message, now)
         if message.all_final and (self.bounce is None or self._dsns_done(message)):
             await self.spool.remove(queue_id)
             self._forget(queue_id)
@@ -356,7 +388,9 @@ class QueueRunner:
 
     # -- outcomes -----------------------------------------------------------------
 
-    def _failed(self, r: RecipientState, reply: Reply, now: float) -> RecipientState:
+    def _failed(
+        self, r: RecipientState, reply: Reply, now: float, remote_mta: str | None = None
+    ) -> RecipientState:
         log.info(
             "{rcpt}: failed {code} {enh} {text}",
             rcpt=r.address,
@@ -364,9 +398,18 @@ class QueueRunner:
             enh=reply.enhanced,
             text=reply.text,
         )
-        return replace(r, status=FAILED, attempts=r.attempts + 1, last_reply=reply, updated_at=now)
+        return replace(
+            r,
+            status=FAILED,
+            attempts=r.attempts + 1,
+            last_reply=reply,
+            updated_at=now,
+            remote_mta=remote_mta,
+        )
 
-    def _deferred(self, r: RecipientState, reply: Reply, now: float) -> RecipientState:
+    def _deferred(
+        self, r: RecipientState, reply: Reply, now: float, remote_mta: str | None = None
+    ) -> RecipientState:
         attempts = r.attempts + 1
         delay = self.retry_intervals[min(attempts, len(self.retry_intervals)) - 1]
         log.info(
@@ -384,6 +427,7 @@ class QueueRunner:
             next_attempt=now + delay,
             last_reply=reply,
             updated_at=now,
+            remote_mta=remote_mta,
         )
 
     def lifetime_of(self, address: str) -> float:
@@ -517,6 +561,10 @@ class QueueRunner:
         out = []
         for r in remote:
             reply = replies.get(r.address, fallback)
+            remote_mta = None
+            if isinstance(reply, RemoteReply):
+                remote_mta = reply.remote_mta or None
+                reply = Reply(reply.code, reply.enhanced, reply.text)
             if 200 <= reply.code < 300:
                 out.append(
                     replace(
@@ -525,12 +573,13 @@ class QueueRunner:
                         attempts=r.attempts + 1,
                         last_reply=reply,
                         updated_at=now,
+                        remote_mta=remote_mta,
                     )
                 )
             elif reply.permanent:
-                out.append(self._failed(r, reply, now))
+                out.append(self._failed(r, reply, now, remote_mta))
             else:
-                out.append(self._deferred(r, reply, now))
+                out.append(self._deferred(r, reply, now, remote_mta))
         return out
 
     async def _bounce_owed(self, message: QueuedMessage) -> bool:
@@ -552,3 +601,40 @@ class QueueRunner:
         return await self.spool.update_recipients(
             message.queue_id, [replace(r, dsn_sent=True) for r in owed]
         )
+
+    async def _send_delay_notices(self, message: QueuedMessage, now: float) -> QueuedMessage:
+        """Warn the sender once per recipient still deferred ``delay_warning`` after arrival.
+
+        RFC 3464 ``Action: delayed`` reports, grouped by the recipients' expiry
+        (Will-Retry-Until, RFC 3464 2.3.8).  A message from ``<>`` gets none
+        (RFC 5321 4.5.5, appliance.mail.dsn.bounce_recipient).  The recipients
+        are marked ``delay_notified`` once the hook returned; if it fails, the
+        next pass tries again.
+        """
+        if (
+            self.delay_notice is None
+            or self.delay_warning <= 0
+            or not message.envelope.sender
+            or now < message.envelope.received_at + self.delay_warning
+        ):
+            return message
+        owed = [r for r in message.recipients if r.status == DEFERRED and not r.delay_notified]
+        if not owed:
+            return message
+        by_expiry: dict[float, list[RecipientState]] = {}
+        for r in owed:
+            expiry = message.envelope.received_at + self.lifetime_of(r.address)
+            by_expiry.setdefault(expiry, []).append(r)
+        notified: list[RecipientState] = []
+        for expiry, group in sorted(by_expiry.items()):
+            try:
+                await defer.maybeDeferred(self.delay_notice, message, group, expiry)
+            except Exception:
+                log.failure(
+                    "{qid}: could not send the delay notice; will retry", qid=message.queue_id
+                )
+                continue
+            notified.extend(replace(r, delay_notified=True) for r in group)
+        if not notified:
+            return message
+        return await self.spool.update_recipients(message.queue_id, notified)

@@ -86,6 +86,7 @@ def _outbound_settings(config: Config) -> OutboundSettings:
         opportunistic_tls=config.delivery.opportunistic_tls,
         self_is_best_mx=config.delivery.self_is_best_mx,
         fallback=fallback,
+        smart_host_credentials=config.delivery.smart_host_credentials,
     )
 
 
@@ -153,11 +154,19 @@ class MailService(Service):
                 reactor,
                 lambda address, port: tcp_endpoint(reactor, address, port),
                 concurrency=config.delivery.concurrency,
+                destination_concurrency=config.delivery.destination_concurrency,
             )
         # Masquerading happens on the way out (appliance.mail.masquerade explains why).
         self.masquerading: MasqueradingDelivery | None = None
         if self.remote is not None:
             self.masquerading = MasqueradingDelivery(self.remote, _masquerader(config), blocking)
+        self.bounces = BounceWriter(
+            self.spool,
+            config.hostname,
+            postmaster_address(config.mail.local_domains, config.hostname),
+            reactor,
+            copy_to_postmaster=config.delivery.bounce_copy_to_postmaster,
+        )
         self.runner = QueueRunner(
             self.spool,
             self.recipients,
@@ -165,12 +174,9 @@ class MailService(Service):
             config.hostname,
             reactor,
             remote_delivery=self.masquerading,
-            bounce=BounceWriter(
-                self.spool,
-                config.hostname,
-                postmaster_address(config.mail.local_domains, config.hostname),
-                reactor,
-            ),
+            bounce=self.bounces,
+            delay_notice=self.bounces.delay_notice,
+            delay_warning=config.delivery.delay_warning,
             blocking=blocking,
             retry_intervals=config.delivery.retry_intervals,
             lifetime=config.delivery.lifetime,
@@ -245,7 +251,11 @@ class MailService(Service):
         Service.stopService(self)
         if self.gate is not None:
             self.gate.close()
-        return self.runner.stop()
+        stopped = self.runner.stop()
+        if self.remote is not None:
+            remote = self.remote
+            stopped.addCallback(lambda _: remote.close())
+        return stopped
 
     def reconfigure(self, config: Config) -> None:
         recipients = _recipients(config, self.directory, _aliases(config))
@@ -257,9 +267,12 @@ class MailService(Service):
         self.runner.retry_intervals = config.delivery.retry_intervals
         self.runner.lifetime = config.delivery.lifetime
         self.runner.lifetime_for = _lifetime_for(config)
+        self.runner.delay_warning = config.delivery.delay_warning
+        self.bounces.copy_to_postmaster = config.delivery.bounce_copy_to_postmaster
         if self.remote is not None:
             self.remote.router = _router(config)
             self.remote.settings = _outbound_settings(config)
+            self.remote.destination_concurrency = config.delivery.destination_concurrency
         if self.masquerading is not None:
             self.masquerading.masquerader = _masquerader(config)
         for factory in self.factories:

@@ -54,8 +54,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.mail import mx
+from appliance.mail.connections import SessionPool
 from appliance.mail.interfaces import Reply
-from appliance.mail.routing import Route
+from appliance.mail.routing import SMART_HOST, Route
+from appliance.netio import write_now
 
 log = Logger(namespace="appliance.mail.smtp_client")
 
@@ -259,6 +261,13 @@ class _ClientProtocol(Protocol):
         self.lost: Deferred[None] = Deferred()
         self.producer: _DataProducer | None = None
 
+    def connectionMade(self) -> None:
+        # Commands and the end of the message are small writes the server must see at
+        # once; with Nagle's algorithm the last one waits for the peer's delayed ACK.
+        nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            nodelay(True)
+
     # transcript -----------------------------------------------------------------------------
 
     def note(self, line: str) -> None:
@@ -328,10 +337,11 @@ class _ClientProtocol(Protocol):
             return defer.fail(self._broken)
         waiter: Deferred[_RawReply] = Deferred()
         self._waiter = waiter
-        self._timer = self._clock.callLater(
-            timeout, self._fail, _SessionBroken(f"timed out while {what}")
-        )
+        self._timer = self._clock.callLater(timeout, self._timed_out, what)
         return waiter
+
+    def _timed_out(self, what: str) -> None:
+        self._fail(_SessionBroken(f"timed out while {what}"))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -345,7 +355,15 @@ class _ClientProtocol(Protocol):
             return
         for line in lines:
             self.note(f"C: {line}")
-        self.tx.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+        write_now(self.tx, b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+
+    def send_data(self, data: bytes) -> None:
+        """Send a whole, already stuffed message with its terminating dot line."""
+        if self._broken is not None or self.transport is None:
+            return
+        self.note("C: <message>")
+        self.note("C: .")
+        write_now(self.tx, data)
 
     def pending_reply(self) -> _RawReply | None:
         """A reply that arrived unasked (a server refusing in the middle of the data), if any."""
@@ -451,6 +469,19 @@ def _open_source(message: MessageSource) -> IO[bytes]:
     return open(message, "rb")  # closed by the producer
 
 
+#: Messages up to this size are read into memory once and sent in one write.
+SMALL_MESSAGE = 256 * 1024
+
+
+def _small_in_memory(message: MessageSource) -> MessageSource:
+    """The bytes of a small message file (one read instead of one to measure and one to send)."""
+    if isinstance(message, bytes):
+        return message
+    with open(message, "rb") as f:
+        head = f.read(SMALL_MESSAGE + 1)
+    return head if len(head) <= SMALL_MESSAGE else message
+
+
 def _measure(message: MessageSource) -> tuple[int, bool]:
     """(size in bytes, whether any byte is 8-bit)."""
     if isinstance(message, bytes):
@@ -484,6 +515,8 @@ class Session:
     the server offers it (None: never STARTTLS); with ``require_tls`` a session
     that could not start TLS fails with 4.7.4 instead (for a smart host that
     must see the password only encrypted); ``clock`` runs the timeouts.
+    ``credentials`` (a smart host's) are sent with AUTH (RFC 4954) after
+    STARTTLS and imply ``require_tls``: never in the clear, not even on retry.
     """
 
     def __init__(
@@ -497,6 +530,7 @@ class Session:
         timeouts: Timeouts | None = None,
         eight_bit: str = SEND_8BIT,
         require_tls: bool = False,
+        credentials: Credentials | None = None,
     ) -> None:
         if eight_bit not in (SEND_8BIT, REFUSE_8BIT):
             raise ValueError(f"eight_bit must be {SEND_8BIT!r} or {REFUSE_8BIT!r}")
@@ -507,16 +541,22 @@ class Session:
         self._tls_options = tls_options
         self._timeouts = timeouts or Timeouts()
         self._eight_bit = eight_bit
-        self._require_tls = require_tls and tls_options is not None
+        self._require_tls = (require_tls and tls_options is not None) or credentials is not None
+        self._credentials = credentials
         self.transcript: list[str] = []
         self._protocol: _ClientProtocol | None = None
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.tls = False
         self.tls_failed = False
-        self._used = False
+        self._open_transaction = False
         self._error: Reply | None = None
         self._try_next = True
+
+    @property
+    def requires_tls(self) -> bool:
+        """Whether this session must not go on in the clear (a failed STARTTLS is no reason to retry without it)."""
+        return self._require_tls
 
     @property
     def usable(self) -> bool:
@@ -592,6 +632,11 @@ class Session:
                 try:
                     ok = await self._hello()
                 except _SessionBroken as e:
+                    if self._require_tls:
+                        # No retry in the clear: say "TLS required", and leave tls_failed unset.
+                        raise _SessionBroken(
+                            f"TLS failed after STARTTLS: {e.why}; TLS is required", "4.7.4"
+                        ) from None
                     self.tls_failed = True
                     raise _SessionBroken(f"TLS failed after STARTTLS: {e.why}", "4.7.5") from None
                 if not ok:
@@ -602,6 +647,89 @@ class Session:
                 Reply(451, "4.7.4", f"{self.remote}: TLS is required but was not available"), True
             )
             await self._quit_quietly()
+            return
+        if self._credentials is not None:
+            await self._authenticate()
+
+    async def _authenticate(self) -> None:
+        """SMTP AUTH (RFC 4954) with PLAIN (RFC 4616, initial response) if offered, else LOGIN.
+
+        Only ever over TLS.  Every failure is temporary, 5xx included (Postfix's
+        ``smtp_sasl_auth_soft_bounce``): a wrong password is the operator's to
+        fix while the mail waits.  The transcript shows ``<hidden>`` for secrets.
+        """
+        import base64
+
+        protocol = self._protocol
+        credentials = self._credentials
+        assert protocol is not None and credentials is not None
+        if not self.tls:  # _open checks this first; the password never goes out in the clear
+            self._set_error(
+                Reply(451, "4.7.4", f"{self.remote}: TLS is required before AUTH"), True
+            )
+            await self._quit_quietly()
+            return
+
+        def b64(data: str) -> str:
+            return base64.b64encode(data.encode("utf-8")).decode("ascii")
+
+        def secret(line: str, shown: str) -> None:
+            if protocol.broken is not None:
+                raise protocol.broken
+            protocol.note(f"C: {shown}")
+            protocol.tx.write(line.encode("ascii") + b"\r\n")
+
+        mechanisms: set[str] = set()
+        for keyword, params in self.extensions.items():
+            if keyword == "AUTH" or keyword.startswith("AUTH="):  # "AUTH=LOGIN": old servers
+                mechanisms.update(m.upper() for m in (keyword[5:] + " " + params).split() if m)
+        what = "waiting for the AUTH reply"
+        if "PLAIN" in mechanisms:
+            token = b64(f"\0{credentials.username}\0{credentials.password}")
+            secret(f"AUTH PLAIN {token}", "AUTH PLAIN <hidden>")
+            answer = await protocol.read_reply(self._timeouts.helo, what)
+        elif "LOGIN" in mechanisms:
+            protocol.send_lines(["AUTH LOGIN"])
+            answer = await protocol.read_reply(self._timeouts.helo, what)
+            for value in (credentials.username, credentials.password):
+                if answer.code != 334:
+                    break
+                secret(b64(value), "<hidden>")
+                answer = await protocol.read_reply(self._timeouts.helo, what)
+        else:
+            offered = " ".join(sorted(mechanisms)) or "none"
+            self._set_error(
+                Reply(
+                    451,
+                    "4.7.0",
+                    f"{self.remote} offers no AUTH mechanism this client has"
+                    f" (PLAIN, LOGIN; offered: {offered})",
+                ),
+                True,
+            )
+            await self._quit_quietly()
+            return
+        if answer.code == 235:
+            return
+        reply = answer.reply()
+        if answer.code == 334:
+            secret("*", "*")  # cancel the exchange (RFC 4954 4)
+            await protocol.read_reply(self._timeouts.helo, what)
+        if answer.code // 100 == 5:
+            enhanced = "4" + reply.enhanced[1:] if reply.enhanced != "5.0.0" else "4.7.8"
+            failed = Reply(
+                451, enhanced, f"{self.remote}: authentication failed: {answer.code} {reply.text}"
+            )
+        elif answer.code // 100 == 4:
+            failed = Reply(
+                answer.code, reply.enhanced, f"{self.remote}: authentication failed: {reply.text}"
+            )
+        else:
+            failed = Reply(
+                451, "4.7.0", f"{self.remote}: unexpected AUTH reply {answer.code} {reply.text}"
+            )
+        self._set_error(failed, True)
+        await self._quit_quietly()
 
     async def _hello(self) -> bool:
         """EHLO, and HELO when EHLO is refused with 5xx (RFC 5321 4.1.4); false after an error."""
@@ -717,6 +845,7 @@ class Session:
             self._all(result, wanted, Reply(553, "5.1.7", f"bad sender address syntax: {sender!r}"))
             return
         try:
+            message = _small_in_memory(message)
             size, eight = _measure(message)
         except OSError as e:
             self._all(result, wanted, Reply(451, "4.3.0", f"cannot read the message: {e}"))
@@ -751,12 +880,13 @@ class Session:
             )
             return
 
-        if self._used:
+        if self._open_transaction:
+            # The previous transaction ended before its final dot: clear it (RFC 5321 4.1.1.5).
             protocol.send_lines(["RSET"])
             answer = await protocol.read_reply(self._timeouts.rset, "waiting for the RSET reply")
             if answer.code != 250:
                 raise _SessionBroken(f"RSET refused: {answer.code}")
-        self._used = True
+            self._open_transaction = False
 
         params = []
         if "SIZE" in self.extensions:
@@ -768,26 +898,31 @@ class Session:
         mail = " ".join([f"MAIL FROM:<{sender}>", *params])
         rcpts = [f"RCPT TO:<{r}>" for r in wanted]
 
-        if "PIPELINING" in self.extensions:
-            protocol.send_lines([mail, *rcpts])
+        # RFC 2920 3.1: with PIPELINING, MAIL, every RCPT and DATA go out as one group.
+        pipelining = "PIPELINING" in self.extensions
+        if pipelining:
+            protocol.send_lines([mail, *rcpts, "DATA"])
         else:
             protocol.send_lines([mail])
         mail_answer = await protocol.read_reply(self._timeouts.mail, "waiting for the MAIL reply")
         mail_reply = mail_answer.reply()
-        if mail_answer.code // 100 != 2:
+        if mail_answer.code // 100 == 2:
+            self._open_transaction = True
+        else:
             if mail_answer.code // 100 not in (4, 5):
                 mail_reply = Reply(451, "4.5.0", f"unexpected MAIL reply: {mail_reply.text}")
             self._all(result, wanted, mail_reply)
-            if "PIPELINING" in self.extensions:
-                for _ in rcpts:  # the pipelined RCPTs get answers too; read them off
+            if pipelining:  # the pipelined RCPTs and DATA get answers too; read them off
+                for _ in rcpts:
                     await protocol.read_reply(self._timeouts.rcpt, "waiting for an RCPT reply")
+                await self._refuse_pipelined_data(protocol)
             if mail_answer.code == 421:
                 raise _SessionBroken(f"service closing: {mail_reply.text}", mail_reply.enhanced)
             return
 
         accepted: list[str] = []
         for rcpt, line in zip(wanted, rcpts, strict=True):
-            if "PIPELINING" not in self.extensions:
+            if not pipelining:
                 protocol.send_lines([line])
             answer = await protocol.read_reply(self._timeouts.rcpt, "waiting for an RCPT reply")
             reply = answer.reply()
@@ -798,9 +933,12 @@ class Session:
                 reply = Reply(451, "4.5.0", f"unexpected RCPT reply: {answer.code} {reply.text}")
             result.replies[rcpt] = reply
         if not accepted:
+            if pipelining:
+                await self._refuse_pipelined_data(protocol)
             return
 
-        protocol.send_lines(["DATA"])
+        if not pipelining:
+            protocol.send_lines(["DATA"])
         answer = await protocol.read_reply(self._timeouts.data_init, "waiting for the DATA reply")
         if answer.code != 354:
             reply = answer.reply()
@@ -809,11 +947,18 @@ class Session:
             self._all(result, accepted, reply)
             return
         try:
-            source = _open_source(message)
-        except OSError as e:
-            raise _SessionBroken(f"cannot read the message: {e}", "4.3.0") from None
-        try:
-            await _DataProducer(protocol, source, self._clock, self._timeouts.data_block).start()
+            if isinstance(message, bytes) and len(message) <= SMALL_MESSAGE:
+                # A small message goes out in one write, end-of-data included.
+                stuffer = DotStuffer()
+                protocol.send_data(stuffer.feed(message) + stuffer.finish())
+            else:
+                try:
+                    source = _open_source(message)
+                except OSError as e:
+                    raise _SessionBroken(f"cannot read the message: {e}", "4.3.0") from None
+                await _DataProducer(
+                    protocol, source, self._clock, self._timeouts.data_block
+                ).start()
         except _SessionBroken:
             early = protocol.pending_reply()
             if early is None or early.code // 100 not in (4, 5):
@@ -825,11 +970,23 @@ class Session:
         answer = await protocol.read_reply(
             self._timeouts.final_dot, "waiting for the end-of-data reply"
         )
+        self._open_transaction = False
         reply = answer.reply()
         if answer.code // 100 not in (2, 4, 5):
             reply = Reply(451, "4.5.0", f"unexpected end-of-data reply: {answer.code} {reply.text}")
         self._all(result, accepted, reply)
         after_dot[0] = False
+
+    async def _refuse_pipelined_data(self, protocol: _ClientProtocol) -> None:
+        """Read the reply to a pipelined DATA after no recipient was accepted.
+
+        It should be a refusal (RFC 2920 3.1); a server that says 354 anyway
+        gets an empty message it must not deliver, and its reply is ignored.
+        """
+        answer = await protocol.read_reply(self._timeouts.data_init, "waiting for the DATA reply")
+        if answer.code == 354:
+            protocol.send_lines(["."])
+            await protocol.read_reply(self._timeouts.final_dot, "waiting for the end-of-data reply")
 
     # closing --------------------------------------------------------------------------------
 
@@ -931,6 +1088,14 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """A login for the smart host's SMTP AUTH (Postfix's ``smtp_sasl_password_maps``); never printed."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class OutboundSettings:
     """What the queue runner configures once for every remote attempt.
 
@@ -952,6 +1117,8 @@ class OutboundSettings:
     self_is_best_mx: str = BOUNCE_SELF
     max_addresses: int = 10
     fallback: Route | None = None
+    #: AUTH for the smart host route only (not static routes or MXs), only over TLS.
+    smart_host_credentials: Credentials | None = None
 
 
 EndpointFactory = Callable[[str, int], Any]
@@ -968,7 +1135,25 @@ async def _attempt(
     endpoints: EndpointFactory,
     rng: Any,
     allow_fallback: bool,
+    pool: SessionPool | None = None,
 ) -> dict[str, Outcome]:
+    outcomes: dict[str, Outcome] = {}
+    remaining = list(recipients)
+    credentials = settings.smart_host_credentials if route.kind == SMART_HOST else None
+    key = (route, settings.opportunistic_tls, credentials)
+
+    # A connection kept from the last message to this next hop goes first, without
+    # a DNS lookup (as Postfix's connection cache by destination).  If it fails
+    # before the end of the message, the recipients go the whole way below.
+    taken = pool.take(key) if pool is not None else None
+    if taken is not None:
+        session, host = taken
+        result = await session.send(sender, remaining, message)
+        remaining = _settle(result, remaining, host, outcomes, cached=True)
+        await _keep_or_close(pool, key, session, host)
+        if not remaining:
+            return outcomes
+
     found = await mx.destinations(
         route,
         resolver,
@@ -983,50 +1168,92 @@ async def _attempt(
             direct, resolver, (), settings.own_addresses, rng, max_addresses=settings.max_addresses
         )
     if isinstance(found, mx.SelfIsBestMX):
-        return {r: Outcome(found.reply) for r in recipients}
+        return {**outcomes, **{r: Outcome(found.reply) for r in remaining}}
     if isinstance(found, mx.PermanentFailure | mx.TemporaryFailure):
-        failed = {r: Outcome(found.reply) for r in recipients}
+        failed = {**outcomes, **{r: Outcome(found.reply) for r in remaining}}
         if isinstance(found, mx.TemporaryFailure) and allow_fallback and settings.fallback:
             return await _fallback(
-                failed, sender, message, resolver, settings, clock, endpoints, rng
+                failed, sender, message, resolver, settings, clock, endpoints, rng, pool
             )
         return failed
 
-    outcomes: dict[str, Outcome] = {}
-    remaining = list(recipients)
     for destination in found.hosts:
         if not remaining:
             break
-        tls_options: Any = (
-            OpportunisticTLS(destination.host) if settings.opportunistic_tls else None
-        )
+        tls = settings.opportunistic_tls
         remote = f"{destination.host}[{destination.address}]:{destination.port}"
         while True:
-            session = Session(
-                endpoints(destination.address, destination.port),
-                settings.helo_name,
-                clock,
-                remote=remote,
-                tls_options=tls_options,
-                timeouts=settings.timeouts,
-                eight_bit=settings.eight_bit,
+            session = _new_session(
+                destination, remote, tls, credentials, settings, clock, endpoints
             )
             result = await session.send(sender, remaining, message)
-            await session.close()
-            if result.tls_failed and tls_options is not None:
-                tls_options = None  # once more on the same address, in the clear
+            await _keep_or_close(pool, key, session, destination.host)
+            if result.tls_failed and tls and not session.requires_tls:
+                tls = False  # once more on the same address, in the clear
                 continue
             break
-        still: list[str] = []
-        for rcpt in remaining:
-            reply = result.replies[rcpt]
-            outcomes[rcpt] = Outcome(reply, destination.host)
-            if reply.temporary and result.try_next:
-                still.append(rcpt)
-        remaining = still
+        remaining = _settle(result, remaining, destination.host, outcomes)
     if remaining and allow_fallback and settings.fallback:
-        return await _fallback(outcomes, sender, message, resolver, settings, clock, endpoints, rng)
+        return await _fallback(
+            outcomes, sender, message, resolver, settings, clock, endpoints, rng, pool
+        )
     return outcomes
+
+
+def _settle(
+    result: DeliveryResult,
+    recipients: list[str],
+    host: str,
+    outcomes: dict[str, Outcome],
+    cached: bool = False,
+) -> list[str]:
+    """Record what ``host`` said; return the recipients to try at the next address.
+
+    Those are the ones left with the session's own temporary error when it may
+    be retried elsewhere (``try_next``).  On a ``cached`` connection the
+    destination may simply have closed it while it waited: a recipient the
+    server never answered is tried again from the start, not recorded.
+    """
+    still: list[str] = []
+    for rcpt in recipients:
+        reply = result.replies[rcpt]
+        if cached and result.error is not None and reply is result.error and result.try_next:
+            still.append(rcpt)
+            continue
+        outcomes[rcpt] = Outcome(reply, host)
+        if reply.temporary and result.try_next:
+            still.append(rcpt)
+    return still
+
+
+async def _keep_or_close(pool: SessionPool | None, key: Any, session: Session, host: str) -> None:
+    """Keep a session that still works for the next message to the same next hop, else QUIT."""
+    if pool is not None and session.usable:
+        pool.give(key, session, host)
+    else:
+        await session.close()
+
+
+def _new_session(
+    destination: Any,
+    remote: str,
+    tls: bool,
+    credentials: Credentials | None,
+    settings: OutboundSettings,
+    clock: IReactorTime,
+    endpoints: EndpointFactory,
+) -> Session:
+    tls_options: Any = OpportunisticTLS(destination.host) if tls else None
+    return Session(
+        endpoints(destination.address, destination.port),
+        settings.helo_name,
+        clock,
+        remote=remote,
+        tls_options=tls_options,
+        timeouts=settings.timeouts,
+        eight_bit=settings.eight_bit,
+        credentials=credentials,
+    )
 
 
 async def _fallback(
@@ -1038,6 +1265,7 @@ async def _fallback(
     clock: IReactorTime,
     endpoints: EndpointFactory,
     rng: Any,
+    pool: SessionPool | None = None,
 ) -> dict[str, Outcome]:
     deferred = [r for r, o in outcomes.items() if o.reply.temporary]
     if deferred and settings.fallback is not None:
@@ -1052,6 +1280,7 @@ async def _fallback(
             endpoints,
             rng,
             False,
+            pool,
         )
         for rcpt, outcome in more.items():
             if not (outcome.reply.temporary and outcome.remote_mta is None):
@@ -1069,6 +1298,7 @@ def attempt_route(
     clock: IReactorTime,
     endpoints: EndpointFactory,
     rng: Any,
+    pool: SessionPool | None = None,
 ) -> Deferred[dict[str, Outcome]]:
     """One delivery attempt for the recipients sharing ``route``: every recipient gets an :class:`Outcome`.
 
@@ -1077,14 +1307,17 @@ def attempt_route(
     still deferred by a session-level failure (``try_next``) to the next
     address, then to the fallback route.  2xx: delivered; 5xx: bounce; 4xx:
     retry later.  ``endpoints(address, port)`` makes the connection endpoint
-    (normally ``lambda a, p: tcp_endpoint(reactor, a, p)``).  Never errbacks.
+    (normally ``lambda a, p: tcp_endpoint(reactor, a, p)``).  With a ``pool``
+    a session still usable after its transaction is kept there for the next
+    message to the same destination (:mod:`appliance.mail.connections`).
+    Never errbacks.
     """
     rcpts = list(dict.fromkeys(recipients))
 
     async def guarded() -> dict[str, Outcome]:
         try:
             return await _attempt(
-                route, sender, rcpts, message, resolver, settings, clock, endpoints, rng, True
+                route, sender, rcpts, message, resolver, settings, clock, endpoints, rng, True, pool
             )
         except Exception:
             log.failure("delivery attempt via {route} failed", route=route)
@@ -1098,6 +1331,7 @@ def attempt_route(
 __all__ = [
     "BOUNCE_SELF",
     "TRY_ADDRESSES",
+    "Credentials",
     "DeliveryResult",
     "DotStuffer",
     "MessageSource",

@@ -161,11 +161,29 @@ def run_appliance(tmp: Path, args: argparse.Namespace) -> float:
 
         wait(all_deferred, args.timeout, "the appliance to queue and defer everything")
 
+        spy: list[subprocess.Popen[bytes]] = []
+
         def flush() -> None:
+            if args.py_spy:
+                # Sample the appliance's threads while it delivers (py-spy, not a dependency).
+                assert process.process is not None
+                spy.append(
+                    subprocess.Popen(
+                        ["py-spy", "record", "-p", str(process.process.pid), "-r", "250",
+                         "-t", "-f", "raw", "-o", args.py_spy],
+                        stdout=subprocess.DEVNULL,
+                    )
+                )  # fmt: skip
+                time.sleep(0.5)
             with ControlClient(control) as client:
                 client.call("flush")
 
-        return timed_flush(flush, args)
+        try:
+            return timed_flush(flush, args)
+        finally:
+            for p in spy:
+                p.send_signal(2)
+                p.wait()
     finally:
         process.stop()
         dns_server.close()
@@ -275,6 +293,7 @@ def main() -> None:
         help="opportunistic STARTTLS on (appliance default, Postfix 'may'); the sink offers none",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--py-spy", help="sample the appliance with py-spy into this raw file")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (port 25 for the sink, Postfix's own users)")
