@@ -18,6 +18,7 @@ the caller (see ``smtp_client._attempt``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,11 +34,18 @@ log = Logger(namespace="appliance.mail.connections")
 
 
 @dataclass
-class _Cached:
-    session: Session
+class _Use:
+    """What the pool remembers of a session: no reference to it, so a lost session is freed."""
+
     label: str
     born: float
     uses: int = 0
+
+
+@dataclass
+class _Idle:
+    session: Session
+    use: _Use
     timer: Any = field(default=None)
 
 
@@ -58,9 +66,11 @@ class SessionPool:
         self.max_uses = max_uses
         self.max_age = max_age
         self.max_idle = max_idle
-        self._idle: dict[Hashable, list[_Cached]] = {}
+        self._idle: dict[Hashable, list[_Idle]] = {}
         self._count = 0
-        self._meta: dict[int, _Cached] = {}
+        # Sessions handed out by take(): weakly, since a caller that closes a broken
+        # one itself need not tell the pool.
+        self._out: weakref.WeakKeyDictionary[Session, _Use] = weakref.WeakKeyDictionary()
         self._closing: set[Deferred[None]] = set()
         self.reused = 0
 
@@ -72,18 +82,18 @@ class SessionPool:
         """An idle, still working session for ``key`` and its label, or None (then connect anew)."""
         waiting = self._idle.get(key)
         while waiting:
-            cached = waiting.pop()
+            entry = waiting.pop()
             self._count -= 1
-            if cached.timer is not None and cached.timer.active():
-                cached.timer.cancel()
-            cached.timer = None
-            if cached.session.usable:
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+            entry.timer = None
+            if entry.session.usable:
                 if not waiting:
                     del self._idle[key]
-                self._meta[id(cached.session)] = cached
+                self._out[entry.session] = entry.use
                 self.reused += 1
-                return cached.session, cached.label
-            self._close(cached.session)
+                return entry.session, entry.use.label
+            self._close(entry.session)
         self._idle.pop(key, None)
         return None
 
@@ -91,35 +101,37 @@ class SessionPool:
         """A transaction on ``session`` is over: keep it for the next one, or close it.
 
         ``label`` comes back with the session from :meth:`take` (the host name
-        the session was opened to, for logs and DSNs).
+        the session was opened to, for logs and DSNs).  A session's age counts
+        from the first time it is given.
         """
         now = self.clock.seconds()
-        cached = self._meta.pop(id(session), None) or _Cached(session, label, now)
-        cached.uses += 1
+        use = self._out.pop(session, None) or _Use(label, now)
+        use.uses += 1
         if (
             not session.usable
-            or cached.uses >= self.max_uses
-            or now - cached.born >= self.max_age
+            or use.uses >= self.max_uses
+            or now - use.born >= self.max_age
             or self._count >= self.max_idle
         ):
             self._close(session)
             return
-        cached.timer = self.clock.callLater(self.idle, self._expire, key, cached)
-        self._idle.setdefault(key, []).append(cached)
+        entry = _Idle(session, use)
+        entry.timer = self.clock.callLater(self.idle, self._expire, key, entry)
+        self._idle.setdefault(key, []).append(entry)
         self._count += 1
 
-    def _expire(self, key: Hashable, cached: _Cached) -> None:
+    def _expire(self, key: Hashable, entry: _Idle) -> None:
         waiting = self._idle.get(key, [])
-        if cached in waiting:
-            waiting.remove(cached)
+        if entry in waiting:
+            waiting.remove(entry)
             self._count -= 1
             if not waiting:
                 self._idle.pop(key, None)
-        cached.timer = None
-        self._close(cached.session)
+        entry.timer = None
+        self._close(entry.session)
 
     def _close(self, session: Session) -> None:
-        self._meta.pop(id(session), None)
+        self._out.pop(session, None)
         closing = session.close()
         self._closing.add(closing)
         closing.addBoth(lambda _: self._closing.discard(closing))
@@ -127,10 +139,10 @@ class SessionPool:
     def close_all(self) -> Deferred[None]:
         """QUIT every idle session (at shutdown); fires when they are all closed."""
         for key in list(self._idle):
-            for cached in self._idle.pop(key):
-                if cached.timer is not None and cached.timer.active():
-                    cached.timer.cancel()
-                self._close(cached.session)
+            for entry in self._idle.pop(key):
+                if entry.timer is not None and entry.timer.active():
+                    entry.timer.cancel()
+                self._close(entry.session)
         self._count = 0
         d = defer.DeferredList(list(self._closing), consumeErrors=True)
         return d.addCallback(lambda _: None)

@@ -118,14 +118,16 @@ class RemoteDelivery:
                         remote_mta=outcome.remote_mta,
                     )
                 replies[recipient] = reply
+                relay = outcome.remote_mta or "none"
+                # Formatted here (C speed); the fields stay in the event for observers.
                 log.info(
-                    "{qid}: to=<{rcpt}> relay={relay} status={code} {enhanced} {text}",
+                    "{line}",
+                    line=f"{message.queue_id}: to=<{recipient}> relay={relay}"
+                    f" status={reply.code} {reply.enhanced} {reply.text}",
                     qid=message.queue_id,
                     rcpt=recipient,
-                    relay=outcome.remote_mta or "none",
+                    relay=relay,
                     code=reply.code,
-                    enhanced=reply.enhanced,
-                    text=reply.text,
                 )
         return replies
 

@@ -43,9 +43,10 @@ Every step is crash-safe because each state change is one ``rename``:
 * state update: write ``envelope.json.new`` in the message directory, fsync,
   rename over ``envelope.json``, fsync the directory.  A crash leaves either the
   old or the new state; a stale ``.new`` is deleted at recovery.
-* removal: rename ``queue/<qid>`` to ``tmp/<qid>.del`` (atomic), then delete the
-  tree.  Not fsynced: a removal lost in a crash only brings the message back for
-  an idempotent redelivery.
+* removal: rename ``queue/<qid>`` to ``tmp/<qid>.del`` (atomic); the removal is
+  done then.  The tree is deleted later in the background, several per thread
+  trip (unlinking costs far more than the rename).  Not fsynced: a removal lost
+  in a crash only brings the message back for an idempotent redelivery.
 
 Queue ids are 23 upper-case hex digits: 13 of microseconds since the epoch,
 4 of a per-process counter, 6 random, so they sort by arrival and never
@@ -162,6 +163,18 @@ class Batched:
             else:
                 d.callback(value)
         self._next()
+
+
+def _delete_graves(graves: list[Path]) -> None:
+    """Blocking: delete removed messages' directories (renamed into tmp/)."""
+    for grave in graves:
+        try:
+            # The usual content, without rmtree's directory scan and stats.
+            for name in (DATA, ENVELOPE):
+                os.unlink(grave / name)
+            os.rmdir(grave)
+        except OSError:
+            shutil.rmtree(grave, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -509,6 +522,8 @@ class Spool:
         self.sync = sync
         self._blocking: Blocking = blocking if blocking is not None else _inline
         self._state_blocking: Blocking = Batched(self._blocking)
+        self._graves: list[Path] = []
+        self._digging = False
         self._counter = secrets.randbelow(0x10000)
         self._locks: dict[str, defer.DeferredLock] = {}
         self._listeners: list[Callable[[str], object]] = []
@@ -744,9 +759,12 @@ class Spool:
         if not lock.locked and not lock.waiting and self._locks.get(queue_id) is lock:
             del self._locks[queue_id]
 
-    def _locked(self, queue_id: str, f: Callable[..., T], *args: Any) -> Deferred[T]:
+    def _locked(
+        self, queue_id: str, f: Callable[..., T], *args: Any, inline: bool = False
+    ) -> Deferred[T]:
         lock = self._lock(queue_id)
-        d: Deferred[T] = lock.acquire().addCallback(lambda _: self._state_blocking(f, *args))
+        run = _inline if inline else self._state_blocking
+        d: Deferred[T] = lock.acquire().addCallback(lambda _: run(f, *args))
 
         def release(result: Any) -> Any:
             self._release(queue_id, lock)
@@ -782,11 +800,42 @@ class Spool:
         return message
 
     def remove(self, queue_id: str, force: bool = False) -> Deferred[None]:
-        """Delete a message whose recipients are all final (any message with ``force``)."""
-        self._fresh.pop(queue_id, None)
-        return self._locked(queue_id, self._remove_blocking, queue_id, force)
+        """Delete a message whose recipients are all final (any message with ``force``).
 
-    def _remove_blocking(self, queue_id: str, force: bool) -> None:
+        Fires once the message has left queue/ (one rename); its files are
+        deleted afterwards, off the caller's path (see :meth:`_bury`).
+        """
+        self._fresh.pop(queue_id, None)
+        # A rename is a metadata update as quick as the envelope reads done inline
+        # (Postfix's qmgr renames queue files in its event loop, too); a thread trip
+        # would cost more than the call.
+        d = self._locked(queue_id, self._remove_blocking, queue_id, force, inline=True)
+        return d.addCallback(self._bury, queue_id)
+
+    def _bury(self, grave: Path, queue_id: str) -> None:
+        """Delete removed messages' files in the background, many per thread trip.
+
+        Unlinking a message's files costs several times the rename that removed
+        it; nobody waits for it.  Graves left by a crash are deleted at recovery.
+        """
+        log.info("{line}", line=f"{queue_id}: removed", qid=queue_id)
+        self._graves.append(grave)
+        if not self._digging:
+            self._dig()
+
+    def _dig(self) -> None:
+        graves, self._graves = self._graves, []
+        self._digging = True
+        self._blocking(_delete_graves, graves).addBoth(self._dug)
+
+    def _dug(self, result: object) -> None:
+        self._digging = False
+        if isinstance(result, Failure):
+            log.failure("deleting removed messages", result)
+        if self._graves:
+            self._dig()
+
+    def _remove_blocking(self, queue_id: str, force: bool) -> Path:
         if not force and not self.load(queue_id).all_final:
             raise ValueError(f"{queue_id}: recipients still pending")
         directory = self._message_dir(queue_id)
@@ -800,11 +849,4 @@ class Spool:
             os.rename(directory, grave)
         # No fsync of queue/ here: if a crash loses this rename, the message comes back
         # and is delivered again, which the Maildir layer recognises (one copy per box).
-        try:
-            # The usual content, without rmtree's directory scan and stats.
-            for name in (DATA, ENVELOPE):
-                os.unlink(grave / name)
-            os.rmdir(grave)
-        except OSError:
-            shutil.rmtree(grave, ignore_errors=True)
-        log.info("{qid}: removed", qid=queue_id)
+        return grave

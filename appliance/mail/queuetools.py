@@ -56,7 +56,10 @@ log = Logger(namespace="appliance.mail.queuetools")
 
 def is_held(spool: Spool, queue_id: str) -> bool:
     """Whether the operator put the message on hold."""
-    return Spool.valid_queue_id(queue_id) and (spool.queue_dir / queue_id / HELD).exists()
+    # os.path, not pathlib: the runner asks this for every message it processes.
+    return Spool.valid_queue_id(queue_id) and os.path.exists(
+        os.path.join(os.fspath(spool.queue_dir), queue_id, HELD)
+    )
 
 
 def set_held(spool: Spool, queue_id: str, held: bool) -> None:

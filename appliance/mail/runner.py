@@ -493,11 +493,11 @@ class QueueRunner:
             boxes.add(target.mailbox)
             delivered.append(target.mailbox)
             log.info(
-                "{qid}: to=<{rcpt}> delivered to {box} as {name}",
+                "{line}",
+                line=f"{qid}: to=<{r.address}> delivered to {target.mailbox} as {name}",
                 qid=qid,
                 rcpt=r.address,
                 box=target.mailbox,
-                name=name,
             )
         remotes = [t.address for t in targets if isinstance(t, RemoteTarget)]
         if remotes:

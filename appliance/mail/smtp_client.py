@@ -1228,8 +1228,8 @@ def _settle(
 
 async def _keep_or_close(pool: SessionPool | None, key: Any, session: Session, host: str) -> None:
     """Keep a session that still works for the next message to the same next hop, else QUIT."""
-    if pool is not None and session.usable:
-        pool.give(key, session, host)
+    if pool is not None:
+        pool.give(key, session, host)  # closes it unless it is still good
     else:
         await session.close()
 
