@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from appliance.directory.base import DirectoryUnavailable, User
+from appliance.pop3 import server as pop3_server
 from appliance.pop3.mailbox import MailboxLocks, SizeCache, encode_message
 from appliance.pop3.server import POP3Server, POP3ServerFactory
 
@@ -84,8 +85,10 @@ class Transport(StringTransport):
         self.tls: Any = None
         self.nodelay = False
         self.tight = False  # pause the producer after every write, like a full socket
+        self.writes: list[bytes] = []
 
     def write(self, data: bytes) -> None:
+        self.writes.append(data)
         super().write(data)
         if self.tight and self.producer is not None:
             self.producer.pauseProducing()
@@ -599,7 +602,20 @@ def test_big_retr_without_backpressure_is_one_burst(env: Env) -> None:
     assert unstuff(out.partition(b"\r\n")[2][: -len(b"+OK\r\n")]) == data
 
 
-def test_pipelined_small_retrs_wait_for_the_transport(env: Env) -> None:
+def test_pipelined_burst_answered_in_one_write(env: Env) -> None:
+    s = inside(env)
+    s.login()
+    writes = len(s.transport.writes)
+    out = s.send(b"RETR 1\r\nRETR 2\r\nSTAT\r\n")
+    assert out.count(b"\r\n.\r\n") == 2 and out.endswith(b"\r\n") and b"+OK 2 " in out
+    assert len(s.transport.writes) == writes + 1
+
+
+def test_pipelined_small_retrs_wait_for_the_transport(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Replies are held back per burst only up to OUT_BATCH bytes; at 1, after every reply.
+    monkeypatch.setattr(pop3_server, "OUT_BATCH", 1)
     s = inside(env)
     s.login()
     s.transport.tight = True
@@ -611,7 +627,10 @@ def test_pipelined_small_retrs_wait_for_the_transport(env: Env) -> None:
     assert s.step() == b""
 
 
-def test_reading_pauses_when_blocked_input_piles_up(env: Env) -> None:
+def test_reading_pauses_when_blocked_input_piles_up(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pop3_server, "OUT_BATCH", 1)
     s = inside(env)
     s.login()
     s.transport.tight = True

@@ -207,6 +207,8 @@ class POP3Server(Protocol):
         self._pos = 0
         self._busy = False
         self._processing = False
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._paused = False
         self._write_paused = False
         self._registered = False
@@ -291,6 +293,7 @@ class POP3Server(Protocol):
         if self._sender is not None:
             self._sender.stop()
             self._sender = None
+        self._flush()
         if self.transport is not None:
             # A transport with a registered producer would never close.
             if self._registered:
@@ -373,6 +376,7 @@ class POP3Server(Protocol):
                     self._send("-ERR [SYS/TEMP] internal error")
         finally:
             self._processing = False
+            self._flush()
             if self._pos:
                 self._buffer = self._buffer[self._pos :]
                 self._pos = 0
@@ -394,16 +398,33 @@ class POP3Server(Protocol):
             self._process()
 
     def _send(self, text: str) -> None:
-        if self.transport is not None and not self._disconnected:
-            write_now(self.transport, text.encode("utf-8") + b"\r\n")
+        self._write(text.encode("utf-8") + b"\r\n")
 
     def write(self, data: bytes) -> None:
         """Send raw bytes (nothing once the connection is gone)."""
         self._write(data)
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self._disconnected:
-            write_now(self.transport, data)
+        if self.transport is None or self._disconnected:
+            return
+        if self._processing and not self._busy:
+            # The replies to a pipelined burst go out in one send (_flush at the end
+            # of _process, or once OUT_BATCH bytes are waiting, to keep flow control).
+            self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size >= OUT_BATCH:
+                self._flush()
+            return
+        self._flush(data)
+
+    def _flush(self, more: bytes = b"") -> None:
+        """Send the replies held back during a burst (and ``more`` after them)."""
+        if self._out:
+            more = b"".join(self._out) + more
+            self._out = []
+            self._out_size = 0
+        if more and self.transport is not None and not self._disconnected:
+            write_now(self.transport, more)
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace")
@@ -462,6 +483,7 @@ class POP3Server(Protocol):
         self._pos = 0
         self._user_name = None
         assert self.transport is not None
+        self._flush()  # the +OK goes out in the clear, before the handshake
         self.transport.startTLS(self.factory.tls_options)
         self.secure = True
 
@@ -880,6 +902,9 @@ def _top(f: BinaryIO, lines: int) -> bytes:
         if not chunk:
             return text
 
+
+#: Replies held back while a pipelined burst is processed are sent at this size at the latest.
+OUT_BATCH = 64 * 1024
 
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "CAPA": (_AUTH, _TRANSACTION),
