@@ -159,6 +159,9 @@ class MailConfig:
     masquerade_as: str = ""
     masquerade_domains: tuple[str, ...] = ()
     masquerade_exceptions: tuple[str, ...] = ("root", "postmaster")
+    #: Small messages for local mailboxes only go into them before the 250, unspooled
+    #: (appliance.mail.direct); false: every message goes through the queue.
+    direct_delivery: bool = True
 
 
 @dataclass(frozen=True)
@@ -607,6 +610,7 @@ def _mail(table: Table, hostname: str, state_dir: Path) -> MailConfig:
         else (local[0] if local else ""),
         masquerade_domains=_masquerade_domains(table),
         masquerade_exceptions=table.strings("masquerade_exceptions", ("root", "postmaster")),
+        direct_delivery=table.boolean("direct_delivery", True),
     )
     table.done()
     return config

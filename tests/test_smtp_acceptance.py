@@ -402,7 +402,9 @@ def small_spool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Demo
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs for the spool: {result.stderr.strip()}")
     try:
-        config, port = configure(tmp, f'spool = "{mount}"')
+        # The spool's own promise: without direct delivery every message goes through it
+        # (tests/test_mail_direct.py fills the Maildir tree's file system as well).
+        config, port = configure(tmp, f'spool = "{mount}"\ndirect_delivery = false')
         process = ApplianceProcess(config, tmp / "appliance.log")
         process.start()
         try:

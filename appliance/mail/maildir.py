@@ -29,6 +29,10 @@ queue's state update and the box then crashes, the retry delivers it again;
 that is a duplicate, never a loss.  ``thorough=False`` skips the directory
 scans for a first attempt that cannot have happened before (the hard link
 still refuses an identical name).
+
+:func:`deliver_many` does the same for several copies at once, pass by pass
+(write all, fsync all, link all, fsync each new/ once), for direct delivery
+(appliance.mail.direct); :func:`local_copy` gives the bytes both paths store.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ import errno
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from twisted.logger import Logger
 
@@ -119,6 +124,18 @@ def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield carry
 
 
+def local_copy(sender: str, address: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """A spooled message (CRLF) as a local delivery stores it in one Maildir.
+
+    ``Return-Path`` (RFC 5321 4.4) and ``Delivered-To`` (the address that reached
+    this mailbox, for loop detection) are prepended, and line ends become LF.
+    Both the queue runner and direct delivery (appliance.mail.direct) use it, so
+    a copy has the same bytes, hence the same keyed name, whichever path wrote it.
+    """
+    yield f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode("utf-8", "surrogateescape")
+    yield from crlf_to_lf(chunks)
+
+
 def find_delivered(maildir: Path, prefix: str) -> str | None:
     """The name of a message in new/ or cur/ whose name starts with ``prefix``, if any."""
     for sub in ("new", "cur"):
@@ -151,14 +168,10 @@ def deliver(
     (ENOSPC, EDQUOT, EIO...) with nothing but a tmp/ file left behind.
     """
     maildir = Path(maildir)
-    if maildir not in _known:
-        create_maildir(maildir, sync=sync)
     host = sanitize_host(hostname)
+    base = _base_name(host, now, key, key_time)
     if key is not None:
-        if not _KEY_RE.match(key):
-            raise ValueError(f"bad delivery key {key!r}")
-        prefix = f"{int(key_time if key_time is not None else 0)}.Q{key}."
-        base = prefix + host
+        prefix = base[: -len(host)]
         if thorough:
             existing = find_delivered(maildir, prefix)
             if existing is not None:
@@ -168,19 +181,8 @@ def deliver(
                 except FileNotFoundError:
                     pass
                 return existing
-    else:
-        usec = int(now * 1_000_000) % 1_000_000
-        base = f"{int(now)}.M{usec}P{os.getpid()}Q{next(_counter)}.{host}"
     tmp = maildir / "tmp" / base
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:
-        if maildir not in _known:
-            raise
-        # Removed since we last saw it (an administrator): make it again, once.
-        _known.discard(maildir)
-        create_maildir(maildir, sync=sync)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = _open_tmp(maildir, tmp, sync)
     size = lines = 0
     try:
         for chunk in chunks:
@@ -194,6 +196,44 @@ def deliver(
     finally:
         os.close(fd)
     name = f"{base},S={size},W={size + lines}"
+    _publish(maildir, tmp, name, keyed=key is not None)
+    if sync:
+        _fsync_dir(maildir / "new")
+    _known.add(maildir)
+    return f"new/{name}"
+
+
+def _base_name(host: str, now: float, key: str | None, key_time: float | None) -> str:
+    """The unique part of a name: keyed ``<sec>.Q<key>.<host>`` or ``<sec>.M<usec>P<pid>Q<n>.<host>``."""
+    if key is not None:
+        if not _KEY_RE.match(key):
+            raise ValueError(f"bad delivery key {key!r}")
+        return f"{int(key_time if key_time is not None else 0)}.Q{key}.{host}"
+    usec = int(now * 1_000_000) % 1_000_000
+    return f"{int(now)}.M{usec}P{os.getpid()}Q{next(_counter)}.{host}"
+
+
+def _open_tmp(maildir: Path, tmp: Path, sync: bool) -> int:
+    """Create ``tmp`` (truncating a crash's leftover), making the Maildir first when unknown."""
+    if maildir not in _known:
+        create_maildir(maildir, sync=sync)
+    try:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        if maildir not in _known:
+            raise
+        # Removed since we last saw it (an administrator): make it again, once.
+        _known.discard(maildir)
+        create_maildir(maildir, sync=sync)
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+
+def _publish(maildir: Path, tmp: Path, name: str, *, keyed: bool) -> None:
+    """Hard-link the complete ``tmp`` file as ``new/<name>`` and unlink the tmp name.
+
+    A keyed name already in new/ is the same message delivered before (logged,
+    not an error).  Not durable until new/ is fsynced.
+    """
     target = maildir / "new" / name
     try:
         os.link(tmp, target)
@@ -202,7 +242,7 @@ def deliver(
         raise
     except FileExistsError:
         os.unlink(tmp)
-        if key is None:
+        if not keyed:
             raise
         log.info("{path}: already delivered as new/{name}", path=maildir, name=name)
     except OSError as e:
@@ -212,7 +252,103 @@ def deliver(
         os.rename(tmp, target)
     else:
         os.unlink(tmp)
-    if sync:
-        _fsync_dir(maildir / "new")
-    _known.add(maildir)
-    return f"new/{name}"
+
+
+class Copy(NamedTuple):
+    """One message for one Maildir in :func:`deliver_many`: bytes as stored (LF line ends).
+
+    ``key``/``key_time`` as for :func:`deliver`; a keyed copy is assumed new (no
+    directory scan; an identical name already in new/ still counts as delivered).
+    """
+
+    maildir: Path
+    data: bytes
+    key: str | None = None
+    key_time: float | None = None
+
+
+#: deliver_many keeps at most this many tmp files open at once (written, then fsynced).
+OPEN_FILES = 64
+
+
+def deliver_many(
+    items: Sequence[Copy], *, hostname: str, now: float, sync: bool = True
+) -> list[str | OSError]:
+    """Deliver several copies in four passes; per copy its ``new/<name>`` or its OSError.
+
+    Blocking (fsync).  The passes, each over every copy: write the tmp files;
+    fsync them; link them into new/ and unlink the tmp names; fsync each
+    distinct new/ once.  On a journaling file system the fsyncs then share
+    journal commits instead of waiting for one each.  A copy counts as
+    delivered only when its file and its new/ were fsynced: if the fsync of a
+    new/ fails, every copy linked into it is reported failed (it may have
+    landed all the same; a keyed redelivery recognises it).  Two copies must
+    not share a Maildir and a key.
+    """
+    host = sanitize_host(hostname)
+    out: list[str | OSError] = [OSError(errno.EIO, "not attempted")] * len(items)
+    staged: list[tuple[int, Path, str]] = []  # index, tmp path, final name
+    for start in range(0, len(items), OPEN_FILES):
+        written: list[tuple[int, Path, str, int]] = []
+        for i in range(start, min(start + OPEN_FILES, len(items))):
+            item = items[i]
+            maildir = Path(item.maildir)
+            tmp = maildir / "tmp" / _base_name(host, now, item.key, item.key_time)
+            try:
+                fd = _open_tmp(maildir, tmp, sync)
+            except OSError as e:
+                out[i] = e
+                continue
+            try:
+                view = memoryview(item.data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError as e:
+                os.close(fd)
+                _unlink_quietly(tmp)
+                out[i] = e
+                continue
+            size = len(item.data)
+            lines = item.data.count(b"\n")
+            name = f"{tmp.name},S={size},W={size + lines}"
+            written.append((i, tmp, name, fd))
+        for i, tmp, name, fd in written:
+            try:
+                if sync:
+                    os.fsync(fd)
+            except OSError as e:
+                _unlink_quietly(tmp)
+                out[i] = e
+            else:
+                staged.append((i, tmp, name))
+            finally:
+                os.close(fd)
+    linked: dict[Path, list[tuple[int, str]]] = {}
+    for i, tmp, name in staged:
+        maildir = Path(items[i].maildir)
+        try:
+            _publish(maildir, tmp, name, keyed=items[i].key is not None)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            out[i] = e
+        else:
+            linked.setdefault(maildir, []).append((i, name))
+    for maildir, copies in linked.items():
+        try:
+            if sync:
+                _fsync_dir(maildir / "new")
+        except OSError as e:
+            for i, _ in copies:
+                out[i] = e
+        else:
+            _known.add(maildir)
+            for i, name in copies:
+                out[i] = f"new/{name}"
+    return out
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -184,6 +184,7 @@ class MasqueradingDelivery:
             message,
             envelope=replace(message.envelope, sender=new_sender),
             data_path=target if rewritten else message.data_path,
+            data=None if rewritten else message.data,
         )
         return await self.inner(outgoing, recipients)
 

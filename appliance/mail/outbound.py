@@ -84,7 +84,7 @@ class RemoteDelivery:
             route,
             sender,
             members,
-            message.data_path,
+            message.data if message.data is not None else message.data_path,
             self.resolver,
             self.settings,
             self.clock,
@@ -105,7 +105,11 @@ class RemoteDelivery:
             for route, members in groups.items()
         ]
         replies: dict[str, Reply] = {}
-        for outcomes in await defer.gatherResults(attempts, consumeErrors=True):
+        if len(attempts) == 1:  # the usual case: no DeferredList around one attempt
+            results = [await attempts[0]]
+        else:
+            results = await defer.gatherResults(attempts, consumeErrors=True)
+        for outcomes in results:
             for recipient, outcome in outcomes.items():
                 reply = outcome.reply
                 if outcome.remote_mta:

@@ -273,6 +273,8 @@ class QueuedMessage:
     recipients: tuple[RecipientState, ...]
     size: int
     data_path: Path
+    #: The content of ``data_path`` when the runner already read it (a small message).
+    data: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def all_final(self) -> bool:
@@ -419,6 +421,17 @@ class _Incoming:
         self._file = file
         buffer, self._buffer = self._buffer, None
         file.write(buffer)
+
+    def in_memory(self) -> bytes | None:
+        """A copy of the whole message while it is open and only in memory, else None.
+
+        None once it spilled to tmp/, after a write error, or after commit/abort.
+        For a store that may deliver a small message without spooling it
+        (appliance.mail.direct).
+        """
+        if self._state != "open" or self._error is not None or self._file is not None:
+            return None
+        return None if self._buffer is None else bytes(self._buffer)
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
         """Make the message durable, then fire with its queue id (see the module docstring)."""

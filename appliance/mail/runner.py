@@ -323,7 +323,12 @@ class QueueRunner:
             if fresh is not None:
                 trace = parse_trace(fresh.head)
             elif message.size <= INLINE_READ:
-                trace = read_trace(message.data_path)  # as small as the envelope load()
+                # Read once, on the reactor thread (as small as the envelope load()):
+                # the trace comes from it and remote delivery sends it.
+                with open(message.data_path, "rb") as f:
+                    data = f.read()
+                trace = parse_trace(data[:HEADER_LIMIT])
+                message = replace(message, data=data)
             else:
                 trace = await self._blocking(read_trace, message.data_path)
             hops = trace.received

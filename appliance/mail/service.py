@@ -25,6 +25,7 @@ from appliance.directory.base import Directory
 from appliance.directory.popbeforesmtp import PopBeforeSMTP
 from appliance.directory.throttle import LoginThrottle
 from appliance.mail.aliases import AliasTable, load_aliases
+from appliance.mail.direct import DirectDelivery
 from appliance.mail.local import LocalRecipients
 from appliance.mail.masquerade import Masquerader, MasqueradingDelivery
 from appliance.mail.outbound import BounceWriter, RemoteDelivery, postmaster_address
@@ -183,6 +184,16 @@ class MailService(Service):
             lifetime_for=_lifetime_for(config),
             concurrency=config.delivery.concurrency,
         )
+        # What the SMTP listeners store into: the spool, or direct delivery in front of it.
+        # No sync argument: its default is the one the bench's --no-fsync shim patches.
+        self.direct = DirectDelivery(
+            self.spool,
+            self.recipients,
+            config.mail.mail_root,
+            config.hostname,
+            blocking=blocking,
+            max_received=self.runner.max_received,
+        )
         self.factories: list[SMTPServerFactory] = []
 
     def control_handlers(self) -> dict[str, Any]:
@@ -214,7 +225,7 @@ class MailService(Service):
         factory = SMTPServerFactory(
             "submission" if submission else listener.side,
             self.config.hostname,
-            self.spool,
+            self.direct if self.config.mail.direct_delivery else self.spool,
             self.recipients,
             self.relay,
             tls,
@@ -264,6 +275,7 @@ class MailService(Service):
         if self.pop_before_smtp is not None:
             self.pop_before_smtp.duration = config.pop3.pop_before_smtp
         self.runner.recipients = recipients
+        self.direct.recipients = recipients
         self.runner.retry_intervals = config.delivery.retry_intervals
         self.runner.lifetime = config.delivery.lifetime
         self.runner.lifetime_for = _lifetime_for(config)
@@ -276,6 +288,7 @@ class MailService(Service):
         if self.masquerading is not None:
             self.masquerading.masquerader = _masquerader(config)
         for factory in self.factories:
+            factory.store = self.direct if config.mail.direct_delivery else self.spool
             factory.recipients = recipients
             factory.relay = relay
             factory.sender_policy = _sender_policy(config)

@@ -160,9 +160,11 @@ def run_appliance(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
     if args.no_fsync:
         # Analysis only, breaks the durability promise: what the fsyncs cost.
         shim.append(
-            "import appliance.mail.queue as q, appliance.mail.runner as r; "
+            "import appliance.mail.queue as q, appliance.mail.runner as r, "
+            "appliance.mail.direct as d; "
             "q.Spool.__init__.__kwdefaults__['sync'] = False; "
-            "r.QueueRunner.__init__.__kwdefaults__['sync'] = False"
+            "r.QueueRunner.__init__.__kwdefaults__['sync'] = False; "
+            "d.DirectDelivery.__init__.__kwdefaults__['sync'] = False"
         )
     if args.cpu_profile:
         # cProfile timed by the reactor thread's CPU clock: neither waiting in
