@@ -177,6 +177,23 @@ def _delete_graves(graves: list[Path]) -> None:
             shutil.rmtree(grave, ignore_errors=True)
 
 
+def read_file(path: str | Path) -> bytes:
+    """The whole content of a (small) file in the fewest system calls.
+
+    ``open()`` with a buffered reader costs nine calls for a small file (fstat
+    twice, an isatty ioctl, two lseeks); this costs four.  The runner reads two
+    files per message it processes.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (creations, renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -743,7 +760,7 @@ class Spool:
         """Read one message's envelope and state (small: done inline)."""
         directory = self._message_dir(queue_id)
         try:
-            raw = (directory / ENVELOPE).read_bytes()
+            raw = read_file(directory / ENVELOPE)
         except FileNotFoundError:
             if directory.is_dir():
                 raise CorruptMessage(f"{queue_id}: no envelope") from None

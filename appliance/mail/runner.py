@@ -70,6 +70,7 @@ from appliance.mail.queue import (
     RecipientState,
     Spool,
     UnknownMessage,
+    read_file,
 )
 from appliance.mail.queuetools import is_held
 
@@ -325,8 +326,7 @@ class QueueRunner:
             elif message.size <= INLINE_READ:
                 # Read once, on the reactor thread (as small as the envelope load()):
                 # the trace comes from it and remote delivery sends it.
-                with open(message.data_path, "rb") as f:
-                    data = f.read()
+                data = read_file(message.data_path)
                 trace = parse_trace(data[:HEADER_LIMIT])
                 message = replace(message, data=data)
             else:
