@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -555,6 +556,9 @@ class Spool:
         self._graves: list[Path] = []
         self._digging = False
         self._counter = secrets.randbelow(0x10000)
+        # Seeded once from the system: ids differ between processes and restarts
+        # without a getrandom() call per message (they are names, not secrets).
+        self._random = random.Random(secrets.randbits(64))
         self._locks: dict[str, defer.DeferredLock] = {}
         self._listeners: list[Callable[[str], object]] = []
         # Messages of this process in tmp/ (being received or committed): recover() spares them.
@@ -570,7 +574,7 @@ class Spool:
         """A fresh id: microseconds, counter and randomness, upper-case hex, sortable."""
         usec = int(self.now() * 1_000_000) & ((1 << 52) - 1)
         self._counter = (self._counter + 1) & 0xFFFF
-        return f"{usec:013X}{self._counter:04X}{secrets.randbits(24):06X}"
+        return f"{usec:013X}{self._counter:04X}{self._random.getrandbits(24):06X}"
 
     @staticmethod
     def valid_queue_id(queue_id: str) -> bool:
