@@ -165,8 +165,11 @@ def _parse_parameters(text: str) -> dict[str, str]:
     return parameters
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _check_ascii(argument: str, enhanced: str) -> None:
-    if not argument.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in argument):
+    if not argument.isascii() or _CONTROL.search(argument):
         # RFC 6531 3.5: without SMTPUTF8 a non-ASCII address is refused with 553 5.6.7.
         if not argument.isascii():
             raise AddressError(Reply(553, "5.6.7", "Non-ASCII addresses are not supported"))

@@ -38,6 +38,7 @@ still refuses an identical name).
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import re
@@ -75,6 +76,7 @@ def sanitize_host(hostname: str) -> str:
     ) or "localhost"
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every message received and delivered
 def mailbox_path(mail_root: Path, relative: str) -> Path:
     """``mail_root / relative``, refusing absolute paths and ``..`` that would leave the root."""
     rel = Path(relative)
