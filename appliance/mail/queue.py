@@ -843,6 +843,15 @@ class Spool:
         # A rename is a metadata update as quick as the envelope reads done inline
         # (Postfix's qmgr renames queue files in its event loop, too); a thread trip
         # would cost more than the call.
+        if queue_id not in self._locks:
+            # Nobody is changing this message: no lock to take (the usual case, after
+            # its delivery); the rename runs at once.
+            try:
+                grave = self._remove_blocking(queue_id, force)
+            except Exception:
+                return defer.fail()
+            self._bury(grave, queue_id)
+            return defer.succeed(None)
         d = self._locked(queue_id, self._remove_blocking, queue_id, force, inline=True)
         return d.addCallback(self._bury, queue_id)
 

@@ -14,8 +14,10 @@ forwards there).  Postfix uses a transport map to ``[127.0.2.201]`` (its
 resolver is the system's, which this script does not touch); both deliver
 with at most 20 parallel connections.  Postfix runs as its own instance
 (config_directory, queue_directory, data_directory in a temporary directory)
-and reuses connections (its connection cache); the appliance opens one
-connection per message.
+and reuses connections (its connection cache), as the appliance does (its
+SessionPool).  Besides the wall-clock rate, the CPU seconds each server's
+processes used during the flush are printed: the appliance is one process
+(one core at most, for its Python code), Postfix's processes use both cores.
 
     sudo .venv/bin/python bench/queue/run.py [--messages 5000] [--size 4096]
 """
@@ -31,16 +33,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from appliance.control import ControlClient  # noqa: E402
+from bench.smtp.run import tree_cpu  # noqa: E402
 from tests.test_delivery_support import (  # noqa: E402
     DNSServer,
     internet_appliance,
 )
+
+#: Server CPU seconds spent during each server's timed flush.
+CPU: dict[str, float] = {}
 
 SINK_ADDRESS = "127.0.2.201"
 POSTFIX_ADDRESS = "127.0.2.202"
@@ -123,13 +130,23 @@ def inject(address: str, port: int, args: argparse.Namespace) -> None:
     )
 
 
-def timed_flush(flush, args: argparse.Namespace) -> float:  # type: ignore[no-untyped-def]
+def timed_flush(flush, args: argparse.Namespace, server: Callable[[], int]) -> float:  # type: ignore[no-untyped-def]
+    """Flush, wait for the sink to hold every message; the seconds it took.
+
+    ``server()`` names the server's top process: the CPU seconds it and its
+    descendants used meanwhile go to ``CPU[...]`` (steadier than wall-clock
+    time on a shared machine).
+    """
     sink = Sink()
     try:
+        pid = server()
+        cpu = tree_cpu(pid)
         start = time.monotonic()
         flush()
         wait(lambda: sink.count() >= args.messages, args.timeout, "all deliveries")
-        return time.monotonic() - start
+        seconds = time.monotonic() - start
+        CPU[args.current] = tree_cpu(pid) - cpu
+        return seconds
     finally:
         sink.close()
 
@@ -178,8 +195,10 @@ def run_appliance(tmp: Path, args: argparse.Namespace) -> float:
             with ControlClient(control) as client:
                 client.call("flush")
 
+        assert process.process is not None
+        pid = process.process.pid
         try:
-            return timed_flush(flush, args)
+            return timed_flush(flush, args, lambda: pid)
         finally:
             for p in spy:
                 p.send_signal(2)
@@ -267,7 +286,10 @@ def run_postfix(tmp: Path, args: argparse.Namespace) -> float:
             return sum(len(files) for _, _, files in os.walk(spool / "deferred"))
 
         wait(lambda: deferred() >= args.messages, args.timeout, "postfix to defer everything")
-        return timed_flush(lambda: postfix(etc, "postqueue", "-f"), args)
+        def master() -> int:
+            return int((spool / "pid" / "master.pid").read_text().split()[0])
+
+        return timed_flush(lambda: postfix(etc, "postqueue", "-f"), args, master)
     finally:
         postfix(etc, "postfix", "stop")
 
@@ -304,9 +326,15 @@ def main() -> None:
         for name, run in (("appliance", run_appliance), ("postfix", run_postfix)):
             if args.only and args.only != name:
                 continue
+            args.current = name
             seconds = run(work / name, args)
             results[name] = args.messages / seconds
-            print(f"{name}: {args.messages} deliveries in {seconds:.2f} s = {results[name]:.0f}/s")
+            cpu = CPU.get(name, 0.0)
+            per_cpu = args.messages / cpu if cpu else 0.0
+            print(
+                f"{name}: {args.messages} deliveries in {seconds:.2f} s = {results[name]:.0f}/s"
+                f" (server CPU {cpu:.2f} s = {per_cpu:.0f} per CPU-second)"
+            )
     finally:
         if args.keep:
             print(f"work directory kept: {work}")
@@ -314,6 +342,9 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     if len(results) == 2:
         print(f"ratio appliance/postfix: {results['appliance'] / results['postfix']:.2f}")
+        if CPU.get("appliance") and CPU.get("postfix"):
+            ratio = CPU["postfix"] / CPU["appliance"]
+            print(f"ratio per CPU-second: {ratio:.2f}")
 
 
 if __name__ == "__main__":
