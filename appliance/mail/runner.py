@@ -45,7 +45,7 @@ under load the hand-offs to the thread pool, not the disk, were the cost.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -527,20 +527,13 @@ class QueueRunner:
     def _write_mailbox(
         self, message: QueuedMessage, path: Path, address: str, thorough: bool, now: float
     ) -> str:
-        """Blocking: prepend Return-Path and Delivered-To, write LF line ends, fsync."""
-        sender = message.envelope.sender
-        head = f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode(
-            "utf-8", "surrogateescape"
-        )
+        """Blocking: the copy direct delivery would write (maildir.local_copy), fsynced."""
         with open(message.data_path, "rb") as f:
-
-            def chunks() -> Iterator[bytes]:
-                yield head
-                yield from maildir.crlf_to_lf(iter(lambda: f.read(READ_CHUNK), b""))
-
             return maildir.deliver(
                 path,
-                chunks(),
+                maildir.local_copy(
+                    message.envelope.sender, address, iter(lambda: f.read(READ_CHUNK), b"")
+                ),
                 hostname=self.hostname,
                 now=now,
                 key=message.queue_id,
