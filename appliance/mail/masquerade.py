@@ -165,6 +165,8 @@ class MasqueradingDelivery:
     def __call__(
         self, message: QueuedMessage, recipients: Sequence[RecipientState]
     ) -> Deferred[Mapping[str, Reply]]:
+        if not self.masquerader.active or not message.envelope.sender:
+            return self.inner(message, recipients)  # nothing to rewrite: no extra layer
         return defer.ensureDeferred(self._deliver(message, recipients))
 
     async def _deliver(

@@ -33,7 +33,7 @@ import io
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeAlias
 
@@ -773,9 +773,18 @@ class Session:
 
         ``body_8bit`` says whether the message has 8-bit bytes; None: scan it.
         """
-        return ensureDeferred(
-            self._send_guarded(sender, list(dict.fromkeys(recipients)), message, body_8bit)
-        )
+        return ensureDeferred(self.transaction(sender, recipients, message, body_8bit=body_8bit))
+
+    def transaction(
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        message: MessageSource,
+        *,
+        body_8bit: bool | None = None,
+    ) -> Coroutine[Any, Any, DeliveryResult]:
+        """:meth:`send` as a coroutine, for callers that are coroutines themselves (one layer less)."""
+        return self._send_guarded(sender, list(dict.fromkeys(recipients)), message, body_8bit)
 
     async def _send_guarded(
         self, sender: str, recipients: list[str], message: MessageSource, body_8bit: bool | None
@@ -1148,7 +1157,7 @@ async def _attempt(
     taken = pool.take(key) if pool is not None else None
     if taken is not None:
         session, host = taken
-        result = await session.send(sender, remaining, message)
+        result = await session.transaction(sender, remaining, message)
         remaining = _settle(result, remaining, host, outcomes, cached=True)
         await _keep_or_close(pool, key, session, host)
         if not remaining:
@@ -1186,7 +1195,7 @@ async def _attempt(
             session = _new_session(
                 destination, remote, tls, credentials, settings, clock, endpoints
             )
-            result = await session.send(sender, remaining, message)
+            result = await session.transaction(sender, remaining, message)
             await _keep_or_close(pool, key, session, destination.host)
             if result.tls_failed and tls and not session.requires_tls:
                 tls = False  # once more on the same address, in the clear
