@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -44,12 +43,10 @@ from twisted.python.failure import Failure
 from appliance.mail import maildir
 from appliance.mail.interfaces import Envelope, IncomingMessage
 from appliance.mail.local import LocalRecipients, MailboxTarget, Target
+from appliance.mail.queue import Blocking, inline
 from appliance.mail.runner import parse_trace
 
 log = Logger()
-
-#: Runs a blocking function off the reactor thread and returns its Deferred.
-Blocking = Callable[..., "Deferred[Any]"]
 
 #: A message is delivered directly only up to this many mailbox copies ...
 MAX_COPIES = 50
@@ -69,10 +66,6 @@ class SpoolStore(Protocol):
 
     def begin(self) -> SpoolIncoming:
         """Start receiving a new message."""
-
-
-def _inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    return defer.execute(f, *args)
 
 
 def _fired(d: Deferred[list[Target]]) -> list[Target] | None:
@@ -149,7 +142,7 @@ class DirectDelivery:
         self.hostname = hostname
         self.max_received = max_received
         self.sync = sync
-        self._blocking: Blocking = blocking if blocking is not None else _inline
+        self._blocking: Blocking = blocking if blocking is not None else inline
         self._pending: list[_Job] = []
         self._busy = False
 

@@ -109,7 +109,8 @@ class CorruptMessage(ValueError):
     """A queue entry exists but its envelope cannot be read."""
 
 
-def _inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
+def inline(f: Callable[..., T], *args: Any) -> Deferred[T]:
+    """A :data:`Blocking` that runs ``f`` at once, on the calling thread (tests, small reads)."""
     return defer.execute(f, *args)
 
 
@@ -551,7 +552,7 @@ class Spool:
         self.clock = clock
         self.now: Callable[[], float] = clock.seconds  # type: ignore[misc]
         self.sync = sync
-        self._blocking: Blocking = blocking if blocking is not None else _inline
+        self._blocking: Blocking = blocking if blocking is not None else inline
         self._state_blocking: Blocking = Batched(self._blocking)
         self._graves: list[Path] = []
         self._digging = False
@@ -794,10 +795,18 @@ class Spool:
             del self._locks[queue_id]
 
     def _locked(
-        self, queue_id: str, f: Callable[..., T], *args: Any, inline: bool = False
+        self, queue_id: str, f: Callable[..., T], *args: Any, at_once: bool = False
     ) -> Deferred[T]:
+        """Run ``f`` while holding the message's lock, in the state thread trip.
+
+        ``at_once``: ``f`` is a quick metadata change run on the calling thread;
+        when nobody holds the lock (the usual case) it runs without taking one,
+        since nothing can come in between on the reactor thread.
+        """
+        if at_once and queue_id not in self._locks:
+            return inline(f, *args)
         lock = self._lock(queue_id)
-        run = _inline if inline else self._state_blocking
+        run = inline if at_once else self._state_blocking
         d: Deferred[T] = lock.acquire().addCallback(lambda _: run(f, *args))
 
         def release(result: Any) -> Any:
@@ -843,16 +852,7 @@ class Spool:
         # A rename is a metadata update as quick as the envelope reads done inline
         # (Postfix's qmgr renames queue files in its event loop, too); a thread trip
         # would cost more than the call.
-        if queue_id not in self._locks:
-            # Nobody is changing this message: no lock to take (the usual case, after
-            # its delivery); the rename runs at once.
-            try:
-                grave = self._remove_blocking(queue_id, force)
-            except Exception:
-                return defer.fail()
-            self._bury(grave, queue_id)
-            return defer.succeed(None)
-        d = self._locked(queue_id, self._remove_blocking, queue_id, force, inline=True)
+        d = self._locked(queue_id, self._remove_blocking, queue_id, force, at_once=True)
         return d.addCallback(self._bury, queue_id)
 
     def _bury(self, grave: Path, queue_id: str) -> None:

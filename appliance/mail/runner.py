@@ -70,6 +70,7 @@ from appliance.mail.queue import (
     RecipientState,
     Spool,
     UnknownMessage,
+    inline,
     read_file,
 )
 from appliance.mail.queuetools import is_held
@@ -142,10 +143,6 @@ def count_received(path: Path, limit: int = HEADER_LIMIT) -> int:
     return read_trace(path, limit).received
 
 
-def _inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    return defer.execute(f, *args)
-
-
 class QueueRunner:
     """Delivers local recipients from the spool and keeps the retry schedule."""
 
@@ -187,7 +184,7 @@ class QueueRunner:
         self.lifetime = lifetime
         self.lifetime_for = lifetime_for
         self.max_received = max_received
-        self._blocking: Blocking = Batched(blocking if blocking is not None else _inline)
+        self._blocking: Blocking = Batched(blocking if blocking is not None else inline)
         self._semaphore = defer.DeferredSemaphore(max(1, concurrency))
         self._due: dict[str, float] = {}
         self._inflight: dict[str, Deferred[None]] = {}

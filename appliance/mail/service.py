@@ -29,7 +29,7 @@ from appliance.mail.direct import DirectDelivery
 from appliance.mail.local import LocalRecipients
 from appliance.mail.masquerade import Masquerader, MasqueradingDelivery
 from appliance.mail.outbound import BounceWriter, RemoteDelivery, postmaster_address
-from appliance.mail.queue import Spool
+from appliance.mail.queue import Blocking, Spool
 from appliance.mail.relay import RelayPolicy
 from appliance.mail.routing import Route, Router, parse_target
 from appliance.mail.runner import QueueRunner
@@ -38,8 +38,6 @@ from appliance.mail.smtp_client import OutboundSettings, tcp_endpoint
 from appliance.mail.submission import SenderPolicy
 
 log = Logger(namespace="appliance.mail")
-
-Blocking = Callable[..., Deferred[Any]]
 
 
 def _aliases(config: Config) -> AliasTable:
