@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from appliance.control import ControlClient  # noqa: E402
-from bench.smtp.run import tree_cpu  # noqa: E402
+
+# Same Postfix services as the receive benchmark (its virtual(8) goes unused here).
+from bench.smtp.run import MASTER_CF, free_port, tree_cpu  # noqa: E402
 from tests.test_delivery_support import (  # noqa: E402
     DNSServer,
     internet_appliance,
@@ -64,12 +66,6 @@ def wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyp
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.2)
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
 
 
 class Sink:
@@ -233,28 +229,6 @@ maillog_file = {tmp}/maillog
 maillog_file_prefixes = {tmp}
 """
 
-MASTER_CF = """\
-{address}:{port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-smtp      unix  -       -       n       -       -       smtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
 
 
 def postfix(etc: Path, *command: str) -> subprocess.CompletedProcess[str]:
