@@ -29,6 +29,7 @@ for the queue runner, one :class:`Outcome` per recipient.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -658,8 +659,6 @@ class Session:
         ``smtp_sasl_auth_soft_bounce``): a wrong password is the operator's to
         fix while the mail waits.  The transcript shows ``<hidden>`` for secrets.
         """
-        import base64
-
         protocol = self._protocol
         credentials = self._credentials
         assert protocol is not None and credentials is not None
