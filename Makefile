@@ -51,7 +51,7 @@ test: deps venvs check
 demo: $(VENV)/.installed
 	mkdir -p var/demo
 	$(VENV)/bin/appliance check --config $(DEMO_CONFIG)
-	$(VENV)/bin/twistd --nodaemon --pidfile=var/demo/twistd.pid appliance --config $(DEMO_CONFIG)
+	$(VENV)/bin/twistd --nodaemon --pidfile=var/demo/twistd.pid --logger=appliance.logs.observer appliance --config $(DEMO_CONFIG)
 
 # The Debian package, built with the system Python (a pyenv python3 first in PATH breaks pybuild).
 deb:

@@ -38,7 +38,7 @@ class ApplianceProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "appliance", "--config", str(self.config)],
+                [str(twistd), "--nodaemon", "--pidfile=", "--logger=appliance.logs.observer", "appliance", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=str(self.config.parent),

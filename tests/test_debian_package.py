@@ -31,6 +31,8 @@ SOURCE = Path(__file__).resolve().parent.parent
 PLUGIN = Path("/usr/lib/python3/dist-packages/twisted/plugins/appliance_plugin.py")
 DROPIN_CACHE = PLUGIN.parent / "dropin.cache"
 TWISTD = "/usr/bin/twistd3"
+#: The log observer the Debian unit names (debian/appliance.service).
+UNIT_LOGGER = ["--logger=appliance.logs.observer"]
 OUTSIDE, INSIDE = "127.0.0.10", "127.0.0.20"
 #: The listener roles the test configures, with the first port tried for each.
 TESTED = {"dns": 12053, "smtp": 12025, "smtps": 12465, "pop3": 12110}
@@ -238,6 +240,9 @@ def check_installed_files() -> None:
     ok("runuser", "-u", "appliance", "--", "/usr/bin/appliance", "check")
     if shutil.which("systemd-analyze", path=ENV["PATH"]):
         ok("systemd-analyze", "verify", "/lib/systemd/system/appliance.service")
+    # The server below starts with the unit's own log observer.
+    unit = Path("/lib/systemd/system/appliance.service").read_text()
+    assert UNIT_LOGGER[0] in unit.split("ExecStart=/usr/bin/twistd3", 1)[1].split("\n", 1)[0]
 
 
 def write_test_config(workdir: Path, ports: dict[str, int]) -> Path:
@@ -313,7 +318,7 @@ def check_running_service(workdir: Path) -> None:
     log = workdir / "twistd.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "appliance", "--config", str(config)],
+            [TWISTD, "-n", "--pidfile=", *UNIT_LOGGER, "appliance", "--config", str(config)],
             cwd="/",
             env=ENV,
             stdout=out,

@@ -184,8 +184,10 @@ def run_appliance(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
     command = ["taskset", "-c", SERVER_CPU, *twistd, "--nodaemon", "--pidfile="]
     if args.profile:
         command += [f"--profile={args.profile}", "--profiler=cprofile", "--savestats"]
-    command += [f"--logfile={log}", "appliance", "--config", str(config)]
-    process = subprocess.Popen(command, cwd=config.parent)
+    # As the Debian unit runs it: the fast observer, on stdout, into the log file.
+    command += ["--logger=appliance.logs.observer", "appliance", "--config", str(config)]
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, cwd=config.parent, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while "appliance started" not in (log.read_text() if log.exists() else ""):
