@@ -25,7 +25,8 @@ from appliance.mail.interfaces import Envelope, MessageStore, Reply
 from appliance.mail.queue import QueuedMessage, RecipientState
 from appliance.mail.routing import Route, Router, group_by_route
 from appliance.mail.runner import RemoteReply
-from appliance.mail.smtp_client import OutboundSettings, Outcome, attempt_route
+from appliance.mail.slots import Slots
+from appliance.mail.smtp_client import OutboundSettings, Outcome, attempt
 
 log = Logger(namespace="appliance.mail.outbound")
 
@@ -56,59 +57,71 @@ class RemoteDelivery:
         self.rng = rng or random.SystemRandom()
         self.pool = pool if pool is not None else SessionPool(clock)
         self.destination_concurrency = max(1, destination_concurrency)
-        self._slots = defer.DeferredSemaphore(max(1, concurrency))
-        self._per_route: dict[Route, defer.DeferredSemaphore] = {}
+        self._slots = Slots(concurrency)
+        self._per_route: dict[Route, Slots] = {}
 
     def close(self) -> Deferred[None]:
         """Say QUIT on the connections kept for reuse (at shutdown)."""
         return self.pool.close_all()
 
-    def _attempt(
+    async def _attempt(
         self, route: Route, sender: str, members: list[str], message: QueuedMessage
-    ) -> Deferred[dict[str, Outcome]]:
+    ) -> dict[str, Outcome]:
         """One attempt for one next hop, holding a slot overall and one for the destination."""
-        semaphore = self._per_route.get(route)
-        if semaphore is None:
-            semaphore = self._per_route[route] = defer.DeferredSemaphore(
-                self.destination_concurrency
-            )
-
-        def release(result: object) -> object:
-            if semaphore.tokens == semaphore.limit and not semaphore.waiting:
-                self._per_route.pop(route, None)
-            return result
-
-        return semaphore.run(
-            self._slots.run,
-            attempt_route,
-            route,
-            sender,
-            members,
-            message.data if message.data is not None else message.data_path,
-            self.resolver,
-            self.settings,
-            self.clock,
-            self.endpoints,
-            self.rng,
-            self.pool,
-        ).addBoth(release)
+        per_route = self._per_route.get(route)
+        if per_route is None:
+            per_route = self._per_route[route] = Slots(self.destination_concurrency)
+        wait = per_route.take()
+        if wait is not None:
+            await wait
+        try:
+            wait = self._slots.take()
+            if wait is not None:
+                await wait
+            try:
+                return await attempt(
+                    route,
+                    sender,
+                    members,
+                    message.data if message.data is not None else message.data_path,
+                    self.resolver,
+                    self.settings,
+                    self.clock,
+                    self.endpoints,
+                    self.rng,
+                    self.pool,
+                )
+            finally:
+                self._slots.release()
+        finally:
+            per_route.release()
+            if per_route.idle and self._per_route.get(route) is per_route:
+                del self._per_route[route]
 
     def __call__(
         self, message: QueuedMessage, recipients: Sequence[RecipientState]
     ) -> Deferred[Mapping[str, Reply]]:
-        return defer.ensureDeferred(self._deliver(message, [r.address for r in recipients]))
+        return defer.ensureDeferred(self.deliver(message, recipients))
 
-    async def _deliver(self, message: QueuedMessage, recipients: list[str]) -> Mapping[str, Reply]:
-        groups = group_by_route(self.router, recipients)
-        attempts = [
-            self._attempt(route, message.envelope.sender, members, message)
-            for route, members in groups.items()
-        ]
-        replies: dict[str, Reply] = {}
-        if len(attempts) == 1:  # the usual case: no DeferredList around one attempt
-            results = [await attempts[0]]
+    async def deliver(
+        self, message: QueuedMessage, recipients: Sequence[RecipientState]
+    ) -> Mapping[str, Reply]:
+        """:meth:`__call__` as a coroutine: the runner awaits it directly, one layer less."""
+        groups = group_by_route(self.router, [r.address for r in recipients])
+        sender = message.envelope.sender
+        results: list[dict[str, Outcome]]
+        if len(groups) == 1:  # the usual case: no DeferredList around one attempt
+            ((route, members),) = groups.items()
+            results = [await self._attempt(route, sender, members, message)]
         else:
-            results = await defer.gatherResults(attempts, consumeErrors=True)
+            results = await defer.gatherResults(
+                [
+                    defer.ensureDeferred(self._attempt(route, sender, members, message))
+                    for route, members in groups.items()
+                ],
+                consumeErrors=True,
+            )
+        replies: dict[str, Reply] = {}
         for outcomes in results:
             for recipient, outcome in outcomes.items():
                 reply = outcome.reply

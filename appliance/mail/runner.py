@@ -45,7 +45,7 @@ under load the hand-offs to the thread pool, not the disk, were the cost.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -73,15 +73,14 @@ from appliance.mail.queue import (
     inline,
     read_file,
 )
-from appliance.mail.queuetools import is_held
+from appliance.mail.slots import Slots
 
 log = Logger()
 
-#: Delivers the given remote recipients of a message; fires with the reply per
-#: recipient address.  A recipient missing from the mapping stays queued (R-4).
-RemoteDelivery = Callable[
-    [QueuedMessage, Sequence[RecipientState]], "Deferred[Mapping[str, Reply]]"
-]
+#: Delivers the given remote recipients of a message; a Deferred or a coroutine
+#: that gives the reply per recipient address.  A recipient missing from the
+#: mapping stays queued (R-4).
+RemoteDelivery = Callable[[QueuedMessage, Sequence[RecipientState]], Awaitable[Mapping[str, Reply]]]
 #: Sends (enqueues) the DSN for the given failed recipients; may return a Deferred.
 Bounce = Callable[[QueuedMessage, Sequence[RecipientState]], "Deferred[Any] | None"]
 #: Sends (enqueues) the delay notice for the given deferred recipients, whose
@@ -185,7 +184,7 @@ class QueueRunner:
         self.lifetime_for = lifetime_for
         self.max_received = max_received
         self._blocking: Blocking = Batched(blocking if blocking is not None else inline)
-        self._semaphore = defer.DeferredSemaphore(max(1, concurrency))
+        self._slots = Slots(concurrency)
         self._due: dict[str, float] = {}
         self._inflight: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
@@ -269,9 +268,7 @@ class QueueRunner:
             self._again.add(queue_id)
             return running
         self._due.pop(queue_id, None)
-        d: Deferred[None] = self._semaphore.run(
-            lambda: Deferred.fromCoroutine(self._process_safely(queue_id))
-        )
+        d: Deferred[None] = Deferred.fromCoroutine(self._process_safely(queue_id))
         self._inflight[queue_id] = d
 
         def finished(_: object) -> None:
@@ -286,11 +283,16 @@ class QueueRunner:
     # -- one message ------------------------------------------------------------
 
     async def _process_safely(self, queue_id: str) -> None:
+        wait = self._slots.take()
+        if wait is not None:
+            await wait
         try:
             await self.process(queue_id)
         except Exception:
             log.failure("{qid}: processing failed; retrying later", qid=queue_id)
             self._due[queue_id] = self.clock.seconds() + self.poll_interval
+        finally:
+            self._slots.release()
 
     async def process(self, queue_id: str) -> None:
         """Deliver what is due in one message, record it, bounce, remove when done."""
@@ -300,7 +302,7 @@ class QueueRunner:
         except UnknownMessage:
             self._forget(queue_id)
             return
-        if is_held(self.spool, queue_id):
+        if self.spool.is_held(queue_id):
             # Released by the operator through force(); until then nothing is due.
             log.info("{qid}: on hold", qid=queue_id)
             self._forget(queue_id)

@@ -158,7 +158,9 @@ class MailService(Service):
         # Masquerading happens on the way out (appliance.mail.masquerade explains why).
         self.masquerading: MasqueradingDelivery | None = None
         if self.remote is not None:
-            self.masquerading = MasqueradingDelivery(self.remote, _masquerader(config), blocking)
+            self.masquerading = MasqueradingDelivery(
+                self.remote.deliver, _masquerader(config), blocking
+            )
         self.bounces = BounceWriter(
             self.spool,
             config.hostname,
@@ -172,7 +174,7 @@ class MailService(Service):
             config.mail.mail_root,
             config.hostname,
             reactor,
-            remote_delivery=self.masquerading,
+            remote_delivery=None if self.masquerading is None else self.masquerading.deliver,
             bounce=self.bounces,
             delay_notice=self.bounces.delay_notice,
             delay_warning=config.delivery.delay_warning,

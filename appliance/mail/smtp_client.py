@@ -1320,20 +1320,32 @@ def attempt_route(
     message to the same destination (:mod:`appliance.mail.connections`).
     Never errbacks.
     """
+    return ensureDeferred(
+        attempt(route, sender, recipients, message, resolver, settings, clock, endpoints, rng, pool)
+    )
+
+
+async def attempt(
+    route: Route,
+    sender: str,
+    recipients: Sequence[str],
+    message: MessageSource,
+    resolver: Any,
+    settings: OutboundSettings,
+    clock: IReactorTime,
+    endpoints: EndpointFactory,
+    rng: Any,
+    pool: SessionPool | None = None,
+) -> dict[str, Outcome]:
+    """:func:`attempt_route` as a coroutine, for callers that are coroutines themselves."""
     rcpts = list(dict.fromkeys(recipients))
-
-    async def guarded() -> dict[str, Outcome]:
-        try:
-            return await _attempt(
-                route, sender, rcpts, message, resolver, settings, clock, endpoints, rng, True, pool
-            )
-        except Exception:
-            log.failure("delivery attempt via {route} failed", route=route)
-            return {
-                r: Outcome(Reply(451, "4.3.0", "internal error during delivery")) for r in rcpts
-            }
-
-    return ensureDeferred(guarded())
+    try:
+        return await _attempt(
+            route, sender, rcpts, message, resolver, settings, clock, endpoints, rng, True, pool
+        )
+    except Exception:
+        log.failure("delivery attempt via {route} failed", route=route)
+        return {r: Outcome(Reply(451, "4.3.0", "internal error during delivery")) for r in rcpts}
 
 
 __all__ = [
@@ -1348,6 +1360,7 @@ __all__ = [
     "Outcome",
     "Session",
     "Timeouts",
+    "attempt",
     "attempt_route",
     "deliver",
     "tcp_endpoint",
