@@ -211,8 +211,8 @@ def test_recovery_quarantines_corrupt_entries(tmp_path: Path) -> None:
     good = commit(spool)
     bad = commit(spool)
     (tmp_path / "queue" / bad / "envelope.json").write_bytes(b'{"version": 1}')
-    with pytest.raises(CorruptMessage):
-        spool.load(bad)
+    with pytest.raises(CorruptMessage):  # a reader that did not write it (the writer remembers)
+        make_spool(tmp_path).load(bad)
     assert make_spool(tmp_path).recover() == [good]
     assert os.listdir(tmp_path / "corrupt") == [bad]
 

@@ -22,9 +22,8 @@ from appliance.control import CommandError, ControlClient, ControlProtocol, Cont
 from appliance.dns.lookup import NoSuchDomain, TemporaryFailure
 from appliance.mail.interfaces import Reply
 from appliance.mail.outbound import RemoteDelivery
-from appliance.mail.queue import DEFERRED, QueuedMessage, RecipientState
+from appliance.mail.queue import DEFERRED, HELD, QueuedMessage, RecipientState
 from appliance.mail.queuetools import (
-    HELD,
     format_mailq,
     format_route,
     is_held,

@@ -99,6 +99,9 @@ FORMAT_VERSION = 1
 QUEUE_ID_RE = re.compile(r"\A[0-9A-F]{23}\Z")
 ENVELOPE = "envelope.json"
 DATA = "data"
+HELD = "held"
+#: How many messages' states the spool keeps in memory (see Spool.load).
+STATE_CACHE = 20_000
 
 
 class UnknownMessage(KeyError):
@@ -568,6 +571,12 @@ class Spool:
         self._fresh: dict[str, Fresh] = {}
         self._pending_commits: list[_CommitJob] = []
         self._committing = False
+        # The state of each message as this process last wrote or read it: it is the
+        # only writer while it runs (the queue tools go through it), so load() need
+        # not read envelope.json again.  Bounded; a message not in it is read.
+        self._states: dict[str, QueuedMessage] = {}
+        # Held messages, known from recover() on (None before: ask the disk).
+        self._held: set[str] | None = None
 
     # -- identity -----------------------------------------------------------
 
@@ -621,6 +630,7 @@ class Spool:
                 job.deferred.errback(Failure(job.error))
             else:
                 self._remember(job.message, buffer)
+                self._keep_state(job.message)
                 job.deferred.callback(None)
         self._next_batch()
 
@@ -630,6 +640,12 @@ class Spool:
         end = buffer.find(b"\r\n\r\n", 0, HEAD_LIMIT)
         if end >= 0:
             self._fresh[message.queue_id] = Fresh(message, bytes(buffer[: end + 2]))
+
+    def _keep_state(self, message: QueuedMessage) -> None:
+        states = self._states
+        if message.queue_id not in states and len(states) >= STATE_CACHE:
+            del states[next(iter(states))]  # the oldest entry
+        states[message.queue_id] = message
 
     def take_fresh(self, queue_id: str) -> Fresh | None:
         """State and header section of a message just committed and not changed since, once.
@@ -733,13 +749,15 @@ class Spool:
             else:
                 os.unlink(entry.path)
         good = []
+        held: set[str] = set()
+        self._states.clear()
         for queue_id in self.messages():
             directory = self.queue_dir / queue_id
             stale = directory / (ENVELOPE + ".new")
             if stale.exists():
                 stale.unlink()
             try:
-                self.load(queue_id)
+                self._keep_state(self._read(queue_id))
             except (CorruptMessage, OSError) as e:
                 log.error(
                     "recovery: {qid} is unreadable ({err}); moved to corrupt/", qid=queue_id, err=e
@@ -748,6 +766,9 @@ class Spool:
                 os.rename(directory, self.corrupt_dir / queue_id)
                 continue
             good.append(queue_id)
+            if (directory / HELD).exists():
+                held.add(queue_id)
+        self._held = held
         if self.sync:
             fsync_dir(self.tmp_dir)
             fsync_dir(self.queue_dir)
@@ -762,7 +783,14 @@ class Spool:
         return sorted(n for n in names if QUEUE_ID_RE.match(n))
 
     def load(self, queue_id: str) -> QueuedMessage:
-        """Read one message's envelope and state (small: done inline)."""
+        """One message's envelope and state: from memory when this process knows it, else read."""
+        known = self._states.get(queue_id)
+        if known is not None:
+            return known
+        return self._read(queue_id)
+
+    def _read(self, queue_id: str) -> QueuedMessage:
+        """Read one message's envelope.json (small: done inline)."""
         directory = self._message_dir(queue_id)
         try:
             raw = read_file(directory / ENVELOPE)
@@ -838,8 +866,10 @@ class Spool:
     def _update_blocking(
         self, queue_id: str, updates: list[RecipientState], add: list[RecipientState]
     ) -> QueuedMessage:
-        message = self.load(queue_id).with_updates(updates, add)
+        self._states.pop(queue_id, None)  # should the write fail, the disk says what holds
+        message = self._read(queue_id).with_updates(updates, add)
         write_atomic(message.data_path.with_name(ENVELOPE), message.to_json(), sync=self.sync)
+        self._keep_state(message)
         return message
 
     def remove(self, queue_id: str, force: bool = False) -> Deferred[None]:
@@ -854,6 +884,43 @@ class Spool:
         # would cost more than the call.
         d = self._locked(queue_id, self._remove_blocking, queue_id, force, at_once=True)
         return d.addCallback(self._bury, queue_id)
+
+    def _forget(self, queue_id: str) -> None:
+        self._states.pop(queue_id, None)
+        if self._held is not None:
+            self._held.discard(queue_id)
+
+    # -- holding ----------------------------------------------------------------
+
+    def is_held(self, queue_id: str) -> bool:
+        """Whether the operator put the message on hold (``queue/<qid>/held`` exists)."""
+        if self._held is not None:
+            return queue_id in self._held
+        return self.valid_queue_id(queue_id) and os.path.exists(
+            os.path.join(os.fspath(self.queue_dir), queue_id, HELD)
+        )
+
+    def set_held(self, queue_id: str, held: bool) -> None:
+        """Create or remove the hold marker; UnknownMessage when there is no such message."""
+        if not self.valid_queue_id(queue_id):
+            raise UnknownMessage(queue_id)
+        directory = self.queue_dir / queue_id
+        marker = directory / HELD
+        try:
+            if held:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+            else:
+                marker.unlink(missing_ok=True)
+                if not directory.is_dir():
+                    raise FileNotFoundError(directory)
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        if self._held is not None:
+            if held:
+                self._held.add(queue_id)
+            else:
+                self._held.discard(queue_id)
 
     def _bury(self, grave: Path, queue_id: str) -> None:
         """Delete removed messages' files in the background, many per thread trip.
@@ -887,9 +954,11 @@ class Spool:
             os.rename(directory, grave)
         except FileNotFoundError:
             if not directory.exists():
+                self._forget(queue_id)
                 raise UnknownMessage(queue_id) from None
             self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
             os.rename(directory, grave)
+        self._forget(queue_id)
         # No fsync of queue/ here: if a crash loses this rename, the message comes back
         # and is delivered again, which the Maildir layer recognises (one copy per box).
         return grave

@@ -16,7 +16,9 @@ ignores it)::
     <root>/queue/<qid>/held     present: the runner does not attempt the message
 
 Creating or removing the marker is atomic, and it moves with the directory
-when the message is removed, so no lock is needed.  A held message still
+when the message is removed, so no lock is needed.  The spool keeps the
+marker (``Spool.set_held``) and, once it has recovered the queue at start,
+knows every hold from memory: the runner asks for each message it processes.  A held message still
 ages: its lifetime is counted from arrival, and it bounces when released
 after its lifetime has passed.
 """
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
     from appliance.mail.outbound import RemoteDelivery
     from appliance.mail.runner import QueueRunner
 
-HELD = "held"
 
 log = Logger(namespace="appliance.mail.queuetools")
 
@@ -56,28 +57,12 @@ log = Logger(namespace="appliance.mail.queuetools")
 
 def is_held(spool: Spool, queue_id: str) -> bool:
     """Whether the operator put the message on hold."""
-    # os.path, not pathlib: the runner asks this for every message it processes.
-    return Spool.valid_queue_id(queue_id) and os.path.exists(
-        os.path.join(os.fspath(spool.queue_dir), queue_id, HELD)
-    )
+    return spool.is_held(queue_id)
 
 
 def set_held(spool: Spool, queue_id: str, held: bool) -> None:
     """Create or remove the hold marker; UnknownMessage when there is no such message."""
-    if not Spool.valid_queue_id(queue_id):
-        raise UnknownMessage(queue_id)
-    directory = spool.queue_dir / queue_id
-    marker = directory / HELD
-    try:
-        if held:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.close(fd)
-        else:
-            marker.unlink(missing_ok=True)
-            if not directory.is_dir():
-                raise FileNotFoundError(directory)
-    except FileNotFoundError:
-        raise UnknownMessage(queue_id) from None
+    spool.set_held(queue_id, held)
 
 
 # -- describing the queue -----------------------------------------------------------------
