@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from appliance.mail import queue
 from appliance.mail.interfaces import Reply
@@ -19,9 +23,10 @@ from appliance.mail.queue import (
     UnknownMessage,
 )
 from tests.test_mail_queue import commit, make_spool
-from tests.test_mail_queue_support import failure, result
+from tests.test_mail_queue_support import envelope, failure, result
 
 SOON = Reply(451, "4.0.0", "later")
+CLOCK: Any = Clock()
 
 
 def on_disk(spool: Spool, queue_id: str) -> list[str]:
@@ -120,3 +125,73 @@ def test_update_writes_the_state_it_read_from_disk(tmp_path: Path) -> None:
     result(spool.update_recipient(qid, RecipientState("b@x.test", DEFERRED, 1, 5.0, SOON)))
     assert on_disk(spool, qid) == ["delivered", "deferred"]
     assert os.path.exists(spool.queue_dir / qid / ENVELOPE)
+
+
+class Trips:
+    """A Blocking that holds every call until run() (a thread pool that has not come round yet)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run(self) -> None:
+        while self.calls:
+            f, args, d = self.calls.pop(0)
+            d.callback(f(*args))
+
+
+def test_removal_is_at_once_in_memory_and_on_disk_after_the_trip(tmp_path: Path) -> None:
+    trips = Trips()
+    spool = Spool(tmp_path, CLOCK, blocking=trips)
+    commits = [spool.begin().commit(envelope("a@x.test")) for _ in range(3)]
+    trips.run()
+    ids = [result(d) for d in commits]
+    drained = spool.drain()
+    assert drained.called
+    result(spool.remove(ids[0], force=True))
+    result(spool.remove(ids[1], force=True))
+    # Gone for this process at once; the disk follows in one trip for both.
+    assert spool.messages() == [ids[2]]
+    for qid in ids[:2]:
+        with pytest.raises(UnknownMessage):
+            spool.load(qid)
+        failure(spool.remove(qid, force=True)).trap(UnknownMessage)
+        with pytest.raises(UnknownMessage):
+            spool.set_held(qid, True)
+    assert (spool.queue_dir / ids[0]).is_dir()
+    drained = spool.drain()
+    assert not drained.called
+    assert spool.recover() == [ids[2]]  # a recovery meanwhile spares them
+    assert len(trips.calls) == 1
+    trips.run()
+    assert drained.called
+    assert sorted(os.listdir(spool.queue_dir)) == [ids[2]]
+    assert os.listdir(spool.tmp_dir) == []
+    assert make_spool(tmp_path).recover() == [ids[2]]
+
+
+def test_removal_that_fails_on_disk_leaves_the_message_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trips = Trips()
+    spool = Spool(tmp_path, CLOCK, blocking=trips)
+    committed = spool.begin().commit(envelope("a@x.test"))
+    trips.run()
+    qid = result(committed)
+    result(spool.remove(qid, force=True))
+    assert spool.messages() == []
+
+    def broken(source: Any, target: Any) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "rename", broken)
+    trips.run()
+    monkeypatch.undo()
+    # Logged; this process's next listing and the next start see it again.
+    assert spool.messages() == [qid]
+    assert spool.load(qid).queue_id == qid
+    assert make_spool(tmp_path).recover() == [qid]

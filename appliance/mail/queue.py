@@ -43,10 +43,16 @@ Every step is crash-safe because each state change is one ``rename``:
 * state update: write ``envelope.json.new`` in the message directory, fsync,
   rename over ``envelope.json``, fsync the directory.  A crash leaves either the
   old or the new state; a stale ``.new`` is deleted at recovery.
-* removal: rename ``queue/<qid>`` to ``tmp/<qid>.del`` (atomic); the removal is
-  done then.  The tree is deleted later in the background, several per thread
-  trip (unlinking costs far more than the rename).  Not fsynced: a removal lost
-  in a crash only brings the message back for an idempotent redelivery.
+* removal: the message leaves the queue as this process sees it at once; a
+  background trip (many messages per trip) renames ``queue/<qid>`` to
+  ``tmp/<qid>.del`` (atomic: the removal on disk), then deletes the tree.
+  Not fsynced: a removal lost in a crash (or still waiting for its trip) only
+  brings the message back for an idempotent redelivery.
+
+While it runs, the spool process is the only writer of the queue (the queue
+tools ask it over the control socket), so it keeps each message's state as
+it last wrote or read it (bounded by ``STATE_CACHE``) and the hold markers
+it found at recovery: processing a message reads no ``envelope.json``.
 
 Queue ids are 23 upper-case hex digits: 13 of microseconds since the epoch,
 4 of a per-process counter, 6 random, so they sort by arrival and never
@@ -168,6 +174,33 @@ class Batched:
             else:
                 d.callback(value)
         self._next()
+
+
+def _remove_dirs(queue_dir: Path, tmp_dir: Path, queue_ids: list[str]) -> list[tuple[str, OSError]]:
+    """Blocking: rename removed messages out of queue/ (the removal on disk), then delete them.
+
+    No fsync of queue/: if a crash loses a rename, the message comes back and
+    is delivered again, which the Maildir layer recognises (one copy per box).
+    Returns the messages that could not be renamed, with the error.
+    """
+    failed: list[tuple[str, OSError]] = []
+    graves: list[Path] = []
+    for queue_id in queue_ids:
+        directory, grave = queue_dir / queue_id, tmp_dir / (queue_id + ".del")
+        try:
+            try:
+                os.rename(directory, grave)
+            except FileNotFoundError:
+                if not directory.exists():
+                    continue
+                tmp_dir.mkdir(mode=0o700, exist_ok=True)
+                os.rename(directory, grave)
+        except OSError as e:
+            failed.append((queue_id, e))
+            continue
+        graves.append(grave)
+    _delete_graves(graves)
+    return failed
 
 
 def _delete_graves(graves: list[Path]) -> None:
@@ -557,8 +590,11 @@ class Spool:
         self.sync = sync
         self._blocking: Blocking = blocking if blocking is not None else inline
         self._state_blocking: Blocking = Batched(self._blocking)
-        self._graves: list[Path] = []
+        # Removed in memory, still to be renamed out of queue/ and deleted (_dig).
+        self._graves: list[str] = []
+        self._removing: set[str] = set()
         self._digging = False
+        self._drained: list[Deferred[None]] = []
         self._counter = secrets.randbelow(0x10000)
         # Seeded once from the system: ids differ between processes and restarts
         # without a getrandom() call per message (they are names, not secrets).
@@ -741,7 +777,7 @@ class Spool:
         self._make_dirs()
         for entry in os.scandir(self.tmp_dir):
             base = entry.name.removesuffix(".del")
-            if base in self._active or base in self._locks:
+            if base in self._active or base in self._locks or base in self._removing:
                 continue
             log.info("recovery: removing unfinished {name}", name=entry.name)
             if entry.is_dir(follow_symlinks=False):
@@ -780,7 +816,8 @@ class Spool:
             names = os.listdir(self.queue_dir)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if QUEUE_ID_RE.match(n))
+        removing = self._removing
+        return sorted(n for n in names if QUEUE_ID_RE.match(n) and n not in removing)
 
     def load(self, queue_id: str) -> QueuedMessage:
         """One message's envelope and state: from memory when this process knows it, else read."""
@@ -805,7 +842,7 @@ class Spool:
         return open(self._message_dir(queue_id) / DATA, "rb")
 
     def _message_dir(self, queue_id: str) -> Path:
-        if not QUEUE_ID_RE.match(queue_id):
+        if not QUEUE_ID_RE.match(queue_id) or queue_id in self._removing:
             raise UnknownMessage(queue_id)
         return self.queue_dir / queue_id
 
@@ -875,15 +912,34 @@ class Spool:
     def remove(self, queue_id: str, force: bool = False) -> Deferred[None]:
         """Delete a message whose recipients are all final (any message with ``force``).
 
-        Fires once the message has left queue/ (one rename); its files are
-        deleted afterwards, off the caller's path (see :meth:`_bury`).
+        Fires as soon as the message is out of the queue as this process sees it
+        (:meth:`messages`, :meth:`load` and the rest no longer know it).  The
+        rename out of queue/ and the deletion of its files follow in the
+        background, many messages per thread trip (:meth:`_dig`); :meth:`drain`
+        waits for them.
         """
         self._fresh.pop(queue_id, None)
-        # A rename is a metadata update as quick as the envelope reads done inline
-        # (Postfix's qmgr renames queue files in its event loop, too); a thread trip
-        # would cost more than the call.
-        d = self._locked(queue_id, self._remove_blocking, queue_id, force, at_once=True)
-        return d.addCallback(self._bury, queue_id)
+        return self._locked(queue_id, self._detach, queue_id, force, at_once=True)
+
+    def _detach(self, queue_id: str, force: bool) -> None:
+        if not force and not self.load(queue_id).all_final:
+            raise ValueError(f"{queue_id}: recipients still pending")
+        if queue_id not in self._states and not os.path.isdir(self._message_dir(queue_id)):
+            raise UnknownMessage(queue_id)
+        self._removing.add(queue_id)
+        self._forget(queue_id)
+        log.info("{line}", line=f"{queue_id}: removed", qid=queue_id)
+        self._graves.append(queue_id)
+        if not self._digging:
+            self._dig()
+
+    def drain(self) -> Deferred[None]:
+        """Fires once every removal so far is done on disk (at shutdown)."""
+        if not self._digging and not self._graves:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
 
     def _forget(self, queue_id: str) -> None:
         self._states.pop(queue_id, None)
@@ -902,9 +958,7 @@ class Spool:
 
     def set_held(self, queue_id: str, held: bool) -> None:
         """Create or remove the hold marker; UnknownMessage when there is no such message."""
-        if not self.valid_queue_id(queue_id):
-            raise UnknownMessage(queue_id)
-        directory = self.queue_dir / queue_id
+        directory = self._message_dir(queue_id)
         marker = directory / HELD
         try:
             if held:
@@ -922,43 +976,35 @@ class Spool:
             else:
                 self._held.discard(queue_id)
 
-    def _bury(self, grave: Path, queue_id: str) -> None:
-        """Delete removed messages' files in the background, many per thread trip.
-
-        Unlinking a message's files costs several times the rename that removed
-        it; nobody waits for it.  Graves left by a crash are deleted at recovery.
-        """
-        log.info("{line}", line=f"{queue_id}: removed", qid=queue_id)
-        self._graves.append(grave)
-        if not self._digging:
-            self._dig()
-
     def _dig(self) -> None:
-        graves, self._graves = self._graves, []
-        self._digging = True
-        self._blocking(_delete_graves, graves).addBoth(self._dug)
+        """Take the removed messages out of queue/ and delete them, in one thread trip.
 
-    def _dug(self, result: object) -> None:
+        Renaming and unlinking cost the reactor thread more than anything else
+        in a delivery's bookkeeping; nobody needs to wait for them.
+        """
+        queue_ids, self._graves = self._graves, []
+        self._digging = True
+        # Two threads at a time: most of an unlink's time is spent waiting in the file
+        # system, not computing, so two halves finish sooner than one whole.
+        half = (len(queue_ids) + 1) // 2
+        parts = [part for part in (queue_ids[:half], queue_ids[half:]) if part]
+        trips = [self._blocking(_remove_dirs, self.queue_dir, self.tmp_dir, p) for p in parts]
+        defer.gatherResults(trips, consumeErrors=True).addBoth(self._dug, queue_ids)
+
+    def _dug(self, result: object, queue_ids: list[str]) -> None:
         self._digging = False
+        self._removing.difference_update(queue_ids)
         if isinstance(result, Failure):
-            log.failure("deleting removed messages", result)
+            log.failure("removing messages from the queue", result)
+        else:
+            for queue_id, error in (f for part in result for f in part):  # type: ignore[attr-defined]
+                # It stays in queue/: the next start sees it again (at worst a redelivery).
+                log.error(
+                    "{qid}: could not remove it from the queue: {err}", qid=queue_id, err=error
+                )
         if self._graves:
             self._dig()
-
-    def _remove_blocking(self, queue_id: str, force: bool) -> Path:
-        if not force and not self.load(queue_id).all_final:
-            raise ValueError(f"{queue_id}: recipients still pending")
-        directory = self._message_dir(queue_id)
-        grave = self.tmp_dir / (queue_id + ".del")
-        try:
-            os.rename(directory, grave)
-        except FileNotFoundError:
-            if not directory.exists():
-                self._forget(queue_id)
-                raise UnknownMessage(queue_id) from None
-            self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
-            os.rename(directory, grave)
-        self._forget(queue_id)
-        # No fsync of queue/ here: if a crash loses this rename, the message comes back
-        # and is delivered again, which the Maildir layer recognises (one copy per box).
-        return grave
+        else:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)

@@ -266,6 +266,9 @@ class MailService(Service):
         if self.remote is not None:
             remote = self.remote
             stopped.addCallback(lambda _: remote.close())
+        # Removals still on their way to the disk finish before the thread pool stops.
+        spool = self.spool
+        stopped.addCallback(lambda _: spool.drain())
         return stopped
 
     def reconfigure(self, config: Config) -> None:

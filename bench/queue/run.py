@@ -126,8 +126,14 @@ def inject(address: str, port: int, args: argparse.Namespace) -> None:
     )
 
 
-def timed_flush(flush, args: argparse.Namespace, server: Callable[[], int]) -> float:  # type: ignore[no-untyped-def]
-    """Flush, wait for the sink to hold every message; the seconds it took.
+def timed_flush(  # type: ignore[no-untyped-def]
+    flush, args: argparse.Namespace, server: Callable[[], int], empty: Callable[[], bool]
+) -> float:
+    """Flush, wait for the sink to hold every message and the server's queue to be empty.
+
+    The time counts until both hold: a server that deletes its queue files
+    after the delivery (the appliance does it in the background) pays for it
+    inside the measured time, as one that deletes them first.
 
     ``server()`` names the server's top process: the CPU seconds it and its
     descendants used meanwhile go to ``CPU[...]`` (steadier than wall-clock
@@ -140,7 +146,10 @@ def timed_flush(flush, args: argparse.Namespace, server: Callable[[], int]) -> f
         start = time.monotonic()
         flush()
         wait(lambda: sink.count() >= args.messages, args.timeout, "all deliveries")
+        delivered = time.monotonic() - start
+        wait(empty, args.timeout, "an empty queue")
         seconds = time.monotonic() - start
+        print(f"{args.current}: last delivery at {delivered:.2f} s, queue empty at {seconds:.2f} s")
         CPU[args.current] = tree_cpu(pid) - cpu
         return seconds
     finally:
@@ -194,7 +203,10 @@ def run_appliance(tmp: Path, args: argparse.Namespace) -> float:
         assert process.process is not None
         pid = process.process.pid
         try:
-            return timed_flush(flush, args, lambda: pid)
+            spool = tmp / "state" / "spool"
+            return timed_flush(
+                flush, args, lambda: pid, lambda: _no_entries(spool / "queue", spool / "tmp")
+            )
         finally:
             for p in spy:
                 p.send_signal(2)
@@ -230,7 +242,6 @@ maillog_file_prefixes = {tmp}
 """
 
 
-
 def postfix(etc: Path, *command: str) -> subprocess.CompletedProcess[str]:
     # Postfix logs to syslog unless stderr is a terminal: give it one with script(1).
     line = " ".join((*command[:1], "-c", str(etc), *command[1:]))
@@ -260,12 +271,26 @@ def run_postfix(tmp: Path, args: argparse.Namespace) -> float:
             return sum(len(files) for _, _, files in os.walk(spool / "deferred"))
 
         wait(lambda: deferred() >= args.messages, args.timeout, "postfix to defer everything")
+
         def master() -> int:
             return int((spool / "pid" / "master.pid").read_text().split()[0])
 
-        return timed_flush(lambda: postfix(etc, "postqueue", "-f"), args, master)
+        queues = [spool / q for q in ("incoming", "active", "deferred", "defer")]
+        return timed_flush(
+            lambda: postfix(etc, "postqueue", "-f"), args, master, lambda: _no_files(*queues)
+        )
     finally:
         postfix(etc, "postfix", "stop")
+
+
+def _no_files(*directories: Path) -> bool:
+    """Whether no file is left anywhere under the directories (Postfix's hashed queues)."""
+    return not any(files for d in directories for _, _, files in os.walk(d))
+
+
+def _no_entries(*directories: Path) -> bool:
+    """Whether the directories are empty (the appliance's queue/ and tmp/)."""
+    return not any(os.listdir(d) for d in directories if d.exists())
 
 
 def _connects(address: str, port: int) -> bool:
