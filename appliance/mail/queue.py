@@ -824,6 +824,7 @@ class Spool:
         known = self._states.get(queue_id)
         if known is not None:
             return known
+        # Not remembered from here: a read may race an update in a thread.
         return self._read(queue_id)
 
     def _read(self, queue_id: str) -> QueuedMessage:
@@ -977,10 +978,11 @@ class Spool:
                 self._held.discard(queue_id)
 
     def _dig(self) -> None:
-        """Take the removed messages out of queue/ and delete them, in one thread trip.
+        """Take the removed messages out of queue/ and delete them, off the reactor thread.
 
         Renaming and unlinking cost the reactor thread more than anything else
-        in a delivery's bookkeeping; nobody needs to wait for them.
+        in a delivery's bookkeeping, and nobody needs to wait for them: the
+        removals made meanwhile go together in the next round of trips.
         """
         queue_ids, self._graves = self._graves, []
         self._digging = True
