@@ -341,7 +341,9 @@ class MaildirMailbox:
         program removed the file).
         """
         msg = self.get(number)
-        return msg, open(self.file_path(msg), "rb")
+        # Unbuffered: a message up to CHUNK is then one read() (a buffered file costs an
+        # fstat, an ioctl and an lseek more, measurable on a RETR at a time).
+        return msg, open(self.file_path(msg), "rb", buffering=0)
 
     def read(self, number: int) -> bytes:
         """The whole stored message (raw bytes, as on disk)."""
