@@ -205,10 +205,10 @@ def test_commit_tolerates_vanished_files_and_reports_failures(
     box.delete(3)
     real_unlink = os.unlink
 
-    def unlink(path: str) -> None:
+    def unlink(path: str, *, dir_fd: int | None = None) -> None:
         if "M3P1" in str(path):
             raise PermissionError(13, "Permission denied")
-        real_unlink(path)
+        real_unlink(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(mb.os, "unlink", unlink)
     failures = box.commit()

@@ -372,25 +372,42 @@ class MaildirMailbox:
         """
         failures: list[str] = []
         touched: set[str] = set()
-        for msg in self.messages:
-            src = self.file_path(msg)
-            if msg.deleted:
-                try:
-                    os.unlink(src)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    failures.append(f"{msg.subdir}/{msg.filename}: {e.strerror or e}")
+        # Names relative to directory descriptors: the kernel does not walk the
+        # mailbox path again for each of thousands of renames.
+        fds: dict[str, int] = {}
+        try:
+            for subdir in ("new", "cur"):
+                with contextlib.suppress(FileNotFoundError):
+                    fds[subdir] = os.open(
+                        os.path.join(self.path, subdir),
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                    )
+            for msg in self.messages:
+                if not (msg.deleted or msg.retrieved):
                     continue
-                touched.add(msg.subdir)
-            elif msg.retrieved:
+                fd = fds.get(msg.subdir)
+                if fd is None:
+                    continue  # its directory is gone: nothing left to remove or move
+                if msg.deleted:
+                    try:
+                        os.unlink(msg.filename, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as e:
+                        failures.append(f"{msg.subdir}/{msg.filename}: {e.strerror or e}")
+                        continue
+                    touched.add(msg.subdir)
+                    continue
                 unique, _, info = msg.filename.partition(":")
                 flags = info[2:] if info.startswith("2,") else ""
                 if msg.subdir == "cur" and "S" in flags:
                     continue
                 new_name = f"{unique}:2,{''.join(sorted(set(flags) | {'S'}))}"
+                cur = fds.get("cur")
+                if cur is None:
+                    continue  # no cur/ to move it to (as a rename into it would fail)
                 try:
-                    os.rename(src, os.path.join(self.path, "cur", new_name))
+                    os.rename(msg.filename, new_name, src_dir_fd=fd, dst_dir_fd=cur)
                 except FileNotFoundError:
                     continue
                 except OSError as e:
@@ -398,11 +415,10 @@ class MaildirMailbox:
                     continue
                 msg.subdir, msg.filename = "cur", new_name
                 touched.update(("new", "cur"))
-        for subdir in sorted(touched):
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(self.path, subdir), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            for subdir in sorted(touched):
+                with contextlib.suppress(OSError):
+                    os.fsync(fds[subdir])
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         return failures
