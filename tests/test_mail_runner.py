@@ -32,7 +32,7 @@ from appliance.mail.queue import (
     RecipientState,
     Spool,
 )
-from appliance.mail.runner import QueueRunner, count_received
+from appliance.mail.runner import QueueRunner, Trace, count_received, parse_trace
 from tests.test_mail_local import FakeDirectory
 from tests.test_mail_queue_support import Crash, envelope, kill_points, result
 
@@ -293,6 +293,15 @@ def test_count_received(tmp_path: Path) -> None:
     p = tmp_path / "m"
     p.write_bytes(b"Received: a\r\n  continued\r\nRECEIVED: b\r\nX: y\r\n\r\nReceived: body\r\n")
     assert count_received(p) == 2
+
+
+def test_trace_reads_only_the_header_section() -> None:
+    body = b"Received: body\r\nDelivered-To: body@x.test\r\n" * 1000
+    for blank in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
+        head = b"Received: a\r\nDelivered-To: Alice@X.test" + blank + body
+        assert parse_trace(head) == Trace(1, frozenset({"alice@x.test"}))
+    assert parse_trace(b"\r\nReceived: x\r\n") == Trace(0, frozenset())
+    assert parse_trace(b"Received: a\r\nReceived: b") == Trace(2, frozenset())
 
 
 def test_disk_full_mailbox_defers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,6 +86,18 @@ def test_dot_stuffing_is_independent_of_chunking(pieces: list[bytes], cuts: list
     assert stuff_in_chunks(message, cuts) == reference_stuff(message)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b".", b"\r\n", b"a", b"..", b"\r\n.", b"b.c"]), max_size=40),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=10),
+)
+def test_dot_stuffing_of_crlf_text_in_any_chunks(pieces: list[bytes], cuts: list[int]) -> None:
+    """Text already in CRLF form (as the spool keeps it) takes the short path: same bytes."""
+    message = b"".join(pieces)
+    cuts = [c for c in cuts if c <= len(message)]
+    assert stuff_in_chunks(message, cuts) == reference_stuff(message)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.sampled_from([b".", b"a", b"\r\n", b".."]), max_size=60))
 def test_unstuffing_gives_back_the_crlf_message(pieces: list[bytes]) -> None:

@@ -125,6 +125,12 @@ def parse_trace(head: bytes) -> Trace:
     """The trace fields of the start of a message (its header section, or more)."""
     received = 0
     delivered: set[str] = set()
+    # Only the header section is split into lines, not a whole message's body.
+    end = head.find(b"\n\r\n")
+    if end < 0:
+        end = head.find(b"\n\n")
+    if end >= 0:
+        head = head[: end + 1]
     for line in head.split(b"\n"):
         line = line.rstrip(b"\r")
         if not line:

@@ -147,6 +147,15 @@ class DotStuffer:
             data = data[:-1]
         if not data:
             return b""
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+            # Every line end is CRLF already (the spool's form): only the stuffing,
+            # one copy of the chunk instead of four.
+            stuffed = data.replace(b"\r\n.", b"\r\n..")
+            if self._at_line_start and stuffed.startswith(b"."):
+                stuffed = b"." + stuffed
+            self._at_line_start = stuffed.endswith(b"\n")
+            return stuffed
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         stuffed = data.replace(b"\n.", b"\n..")
         if self._at_line_start and stuffed.startswith(b"."):
