@@ -118,7 +118,11 @@ class Trace:
 def read_trace(path: Path, limit: int = HEADER_LIMIT) -> Trace:
     """Count Received fields and collect Delivered-To addresses in the header section."""
     with open(path, "rb") as f:
-        return parse_trace(f.read(limit))
+        head = f.read(min(READ_CHUNK, limit))
+        # Most header sections end in the first chunk: a big message is not read whole.
+        if b"\n\n" not in head and b"\n\r\n" not in head and len(head) < limit:
+            head += f.read(limit - len(head))
+        return parse_trace(head)
 
 
 def parse_trace(head: bytes) -> Trace:

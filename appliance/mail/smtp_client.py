@@ -488,6 +488,8 @@ def _small_in_memory(message: MessageSource) -> MessageSource:
     if isinstance(message, bytes):
         return message
     with open(message, "rb") as f:
+        if os.fstat(f.fileno()).st_size > SMALL_MESSAGE:
+            return message  # not 256 KiB read for nothing
         head = f.read(SMALL_MESSAGE + 1)
     return head if len(head) <= SMALL_MESSAGE else message
 
