@@ -156,6 +156,8 @@ def test_removal_is_at_once_in_memory_and_on_disk_after_the_trip(tmp_path: Path)
     result(spool.remove(ids[1], force=True))
     # Gone for this process at once; the disk follows in one trip for both.
     assert spool.messages() == [ids[2]]
+    assert [spool.has(q) for q in ids] == [False, False, True]
+    assert not spool.has("not an id") and not spool.has("0" * 23)
     for qid in ids[:2]:
         with pytest.raises(UnknownMessage):
             spool.load(qid)

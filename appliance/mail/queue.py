@@ -819,6 +819,15 @@ class Spool:
         removing = self._removing
         return sorted(n for n in names if QUEUE_ID_RE.match(n) and n not in removing)
 
+    def has(self, queue_id: str) -> bool:
+        """Whether a message with this id is in the queue (and not being removed)."""
+        if queue_id in self._states:
+            return True
+        try:
+            return self._message_dir(queue_id).is_dir()
+        except UnknownMessage:
+            return False
+
     def load(self, queue_id: str) -> QueuedMessage:
         """One message's envelope and state: from memory when this process knows it, else read."""
         known = self._states.get(queue_id)

@@ -289,7 +289,7 @@ def queue_handlers(
         if target is None or target == "":
             chosen = spool.messages()
         elif isinstance(target, str) and Spool.valid_queue_id(target.upper()):
-            if not (spool.queue_dir / target.upper()).is_dir():
+            if not spool.has(target.upper()):
                 raise CommandError(f"{target.upper()}: no such message")
             chosen = [target.upper()]
         elif isinstance(target, str):
