@@ -1,4 +1,4 @@
-"""Connection reuse (M-6) over real loopback sockets: attempt_route and RemoteDelivery with a SessionPool.
+"""Connection reuse (M-6) over real loopback sockets: attempt and RemoteDelivery with a SessionPool.
 
 A scripted ESMTP server counts connections, transactions and commands per
 connection, and can close a connection after its first transaction, drop or
@@ -29,7 +29,7 @@ from appliance.mail.smtp_client import (
     OutboundSettings,
     Outcome,
     Timeouts,
-    attempt_route,
+    attempt,
 )
 from tests.test_mail_mx import FakeResolver
 from tests.test_mail_queue_support import envelope
@@ -234,7 +234,7 @@ class ReuseTestCase(unittest.TestCase):
 
 
 class AttemptRouteReuse(ReuseTestCase):
-    """attempt_route(..., pool=pool) to a static route and to an MX route."""
+    """attempt(..., pool=pool) to a static route and to an MX route."""
 
     def attempt(
         self,
@@ -245,17 +245,19 @@ class AttemptRouteReuse(ReuseTestCase):
         resolver: Any = None,
         endpoints: Any = None,
     ) -> defer.Deferred[dict[str, Outcome]]:
-        return attempt_route(
-            route,
-            SENDER,
-            recipients,
-            body,
-            resolver if resolver is not None else NoDNS(),
-            self.settings(),
-            reactor,
-            endpoints or (lambda address, port: TCP4ClientEndpoint(reactor, address, port)),
-            random.Random(1),
-            pool=pool,
+        return defer.ensureDeferred(
+            attempt(
+                route,
+                SENDER,
+                recipients,
+                body,
+                resolver if resolver is not None else NoDNS(),
+                self.settings(),
+                reactor,
+                endpoints or (lambda address, port: TCP4ClientEndpoint(reactor, address, port)),
+                random.Random(1),
+                pool=pool,
+            )
         )
 
     @defer.inlineCallbacks

@@ -31,7 +31,7 @@ from appliance.mail.smtp_client import (
     OutboundSettings,
     Outcome,
     Timeouts,
-    attempt_route,
+    attempt,
     deliver,
 )
 from appliance.tls import make_self_signed
@@ -358,7 +358,7 @@ class LoopbackTests(unittest.TestCase):
 
 
 class AttemptTests(unittest.TestCase):
-    """attempt_route: walking MX hosts over loopback fake servers."""
+    """attempt: walking MX hosts over loopback fake servers."""
 
     timeout = 30
 
@@ -398,16 +398,18 @@ class AttemptTests(unittest.TestCase):
             timeouts=Timeouts(greeting=5, quit=2),
             **kw,
         )
-        return attempt_route(
-            route or Route(MX, "remote.test", 25, True),
-            "alice@example.test",
-            recipients,
-            b"Subject: x\r\n\r\nhello\r\n",
-            self.resolver,
-            settings,
-            reactor,
-            self.endpoint,
-            random.Random(1),
+        return defer.ensureDeferred(
+            attempt(
+                route or Route(MX, "remote.test", 25, True),
+                "alice@example.test",
+                recipients,
+                b"Subject: x\r\n\r\nhello\r\n",
+                self.resolver,
+                settings,
+                reactor,
+                self.endpoint,
+                random.Random(1),
+            )
         )
 
     @defer.inlineCallbacks

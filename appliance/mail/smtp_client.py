@@ -23,7 +23,7 @@ SIZE check and only all-or-nothing TLS.  Here:
 
 A :class:`Session` may carry several transactions to the same destination,
 with RSET in between; :func:`deliver` is the one-message shortcut, and
-:func:`attempt_route` walks the MX addresses of a route (appliance.mail.mx)
+:func:`attempt` walks the MX addresses of a route (appliance.mail.mx)
 for the queue runner, one :class:`Outcome` per recipient.
 """
 
@@ -1307,35 +1307,6 @@ async def _fallback(
     return outcomes
 
 
-def attempt_route(
-    route: Route,
-    sender: str,
-    recipients: Sequence[str],
-    message: MessageSource,
-    resolver: Any,
-    settings: OutboundSettings,
-    clock: IReactorTime,
-    endpoints: EndpointFactory,
-    rng: Any,
-    pool: SessionPool | None = None,
-) -> Deferred[dict[str, Outcome]]:
-    """One delivery attempt for the recipients sharing ``route``: every recipient gets an :class:`Outcome`.
-
-    Resolves the destinations (:func:`appliance.mail.mx.destinations`) and
-    walks them in order, one transaction per address, handing the recipients
-    still deferred by a session-level failure (``try_next``) to the next
-    address, then to the fallback route.  2xx: delivered; 5xx: bounce; 4xx:
-    retry later.  ``endpoints(address, port)`` makes the connection endpoint
-    (normally ``lambda a, p: tcp_endpoint(reactor, a, p)``).  With a ``pool``
-    a session still usable after its transaction is kept there for the next
-    message to the same destination (:mod:`appliance.mail.connections`).
-    Never errbacks.
-    """
-    return ensureDeferred(
-        attempt(route, sender, recipients, message, resolver, settings, clock, endpoints, rng, pool)
-    )
-
-
 async def attempt(
     route: Route,
     sender: str,
@@ -1348,7 +1319,18 @@ async def attempt(
     rng: Any,
     pool: SessionPool | None = None,
 ) -> dict[str, Outcome]:
-    """:func:`attempt_route` as a coroutine, for callers that are coroutines themselves."""
+    """One delivery attempt for the recipients sharing ``route``: every recipient gets an :class:`Outcome`.
+
+    Resolves the destinations (:func:`appliance.mail.mx.destinations`) and
+    walks them in order, one transaction per address, handing the recipients
+    still deferred by a session-level failure (``try_next``) to the next
+    address, then to the fallback route.  2xx: delivered; 5xx: bounce; 4xx:
+    retry later.  ``endpoints(address, port)`` makes the connection endpoint
+    (normally ``lambda a, p: tcp_endpoint(reactor, a, p)``).  With a ``pool``
+    a session still usable after its transaction is kept there for the next
+    message to the same destination (:mod:`appliance.mail.connections`).
+    Never raises.
+    """
     rcpts = list(dict.fromkeys(recipients))
     try:
         return await _attempt(
@@ -1372,7 +1354,6 @@ __all__ = [
     "Session",
     "Timeouts",
     "attempt",
-    "attempt_route",
     "deliver",
     "tcp_endpoint",
 ]
