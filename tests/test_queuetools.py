@@ -26,10 +26,8 @@ from appliance.mail.queue import DEFERRED, HELD, QueuedMessage, RecipientState
 from appliance.mail.queuetools import (
     format_mailq,
     format_route,
-    is_held,
     list_queue,
     queue_handlers,
-    set_held,
 )
 from appliance.mail.routing import Router
 from appliance.mail.smtp_client import OutboundSettings
@@ -100,8 +98,8 @@ def test_held_message_is_not_attempted_until_released(tmp_path: Path) -> None:
     recorder = Recorder()
     env = Env(tmp_path, remote_delivery=recorder)
     qid = env.submit("friend@remote.test")  # runner not started: nothing attempted yet
-    set_held(env.spool, qid, True)
-    assert is_held(env.spool, qid)
+    env.spool.set_held(qid, True)
+    assert env.spool.is_held(qid)
     assert (env.spool.queue_dir / qid / HELD).exists()
     env.runner.start()
     env.clock.advance(3600)
@@ -123,15 +121,15 @@ def test_hold_survives_a_restart_and_state_updates(tmp_path: Path) -> None:
             qid, RecipientState("friend@remote.test", DEFERRED, 1, 0.0, Reply(451, "4.0.0", "x"))
         )
     )
-    set_held(env.spool, qid, True)
+    env.spool.set_held(qid, True)
     env2 = env.restart(remote_delivery=Recorder())
     env2.runner.start()
     assert env2.box("alice") == []
-    assert is_held(env2.spool, qid)
+    assert env2.spool.is_held(qid)
     (entry,) = list_queue(env2.spool, env2.clock.seconds())
     assert entry["held"] is True
     assert [r["status"] for r in entry["recipients"]] == ["pending", "deferred"]
-    set_held(env2.spool, qid, False)
+    env2.spool.set_held(qid, False)
     result(env2.runner.force(qid))
     assert len(env2.box("alice")) == 1
 

@@ -934,7 +934,7 @@ class Spool:
     def _detach(self, queue_id: str, force: bool) -> None:
         if not force and not self.load(queue_id).all_final:
             raise ValueError(f"{queue_id}: recipients still pending")
-        if queue_id not in self._states and not os.path.isdir(self._message_dir(queue_id)):
+        if not self.has(queue_id):
             raise UnknownMessage(queue_id)
         self._removing.add(queue_id)
         self._forget(queue_id)

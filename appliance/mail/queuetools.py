@@ -52,19 +52,6 @@ if TYPE_CHECKING:
 log = Logger(namespace="appliance.mail.queuetools")
 
 
-# -- the hold marker ----------------------------------------------------------------
-
-
-def is_held(spool: Spool, queue_id: str) -> bool:
-    """Whether the operator put the message on hold."""
-    return spool.is_held(queue_id)
-
-
-def set_held(spool: Spool, queue_id: str, held: bool) -> None:
-    """Create or remove the hold marker; UnknownMessage when there is no such message."""
-    spool.set_held(queue_id, held)
-
-
 # -- describing the queue -----------------------------------------------------------------
 
 
@@ -82,7 +69,7 @@ def describe_message(spool: Spool, message: QueuedMessage, now: float) -> dict[s
         "received_at": message.envelope.received_at,
         "size": message.size,
         "sender": message.envelope.sender,
-        "held": is_held(spool, message.queue_id),
+        "held": spool.is_held(message.queue_id),
         "recipients": [
             {
                 "address": r.address,
@@ -304,7 +291,7 @@ def queue_handlers(
                     chosen.append(queue_id)
         else:
             raise CommandError("flush target must be a queue id or a domain")
-        held = [q for q in chosen if is_held(spool, q)]
+        held = [q for q in chosen if spool.is_held(q)]
         on_hold = set(held)
         flushed = [q for q in chosen if q not in on_hold]
         for queue_id in flushed:
@@ -332,7 +319,7 @@ def queue_handlers(
     def hold(request: Mapping[str, Any]) -> Any:
         queue_id = _queue_id(request)
         try:
-            set_held(spool, queue_id, True)
+            spool.set_held(queue_id, True)
         except UnknownMessage:
             raise CommandError(f"{queue_id}: no such message") from None
         log.info("{qid}: put on hold by the operator", qid=queue_id)
@@ -341,7 +328,7 @@ def queue_handlers(
     def release(request: Mapping[str, Any]) -> Any:
         queue_id = _queue_id(request)
         try:
-            set_held(spool, queue_id, False)
+            spool.set_held(queue_id, False)
         except UnknownMessage:
             raise CommandError(f"{queue_id}: no such message") from None
         log.info("{qid}: released by the operator", qid=queue_id)
