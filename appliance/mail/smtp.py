@@ -58,6 +58,7 @@ from appliance.mail.auth import (
 )
 from appliance.mail.gate.verdict import Action as GateAction
 from appliance.mail.interfaces import Envelope, IncomingMessage, MessageStore, RecipientCheck, Reply
+from appliance.mail.lineends import to_crlf
 from appliance.mail.relay import RelayPolicy
 from appliance.mail.submission import HeaderCompleter, SenderPolicy
 from appliance.netio import write_now
@@ -1001,9 +1002,7 @@ class SMTPServer(Protocol):
             self._pending_cr = True
         if not chunk:
             return
-        crlf = chunk.count(b"\r\n")
-        if crlf != chunk.count(b"\n") or crlf != chunk.count(b"\r"):
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        chunk = to_crlf(chunk)
         if self._line_length + len(chunk) <= MAX_TEXT_LINE:
             last = chunk.rfind(b"\n")
             self._line_length = (

@@ -57,6 +57,7 @@ from zope.interface import implementer
 from appliance.mail import mx
 from appliance.mail.connections import SessionPool
 from appliance.mail.interfaces import Reply
+from appliance.mail.lineends import to_crlf
 from appliance.mail.routing import SMART_HOST, Route
 from appliance.netio import write_now
 
@@ -147,21 +148,11 @@ class DotStuffer:
             data = data[:-1]
         if not data:
             return b""
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
-            # Every line end is CRLF already (the spool's form): only the stuffing,
-            # one copy of the chunk instead of four.
-            stuffed = data.replace(b"\r\n.", b"\r\n..")
-            if self._at_line_start and stuffed.startswith(b"."):
-                stuffed = b"." + stuffed
-            self._at_line_start = stuffed.endswith(b"\n")
-            return stuffed
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        stuffed = data.replace(b"\n.", b"\n..")
+        stuffed = to_crlf(data).replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and stuffed.startswith(b"."):
             stuffed = b"." + stuffed
         self._at_line_start = stuffed.endswith(b"\n")
-        return stuffed.replace(b"\n", b"\r\n")
+        return stuffed
 
     def finish(self) -> bytes:
         out = b"\r\n" if self._pending_cr or not self._at_line_start else b""
