@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from appliance.control import ControlClient  # noqa: E402
 
 # Same Postfix services as the receive benchmark (its virtual(8) goes unused here).
-from bench.smtp.run import MASTER_CF, free_port, tree_cpu  # noqa: E402
+from bench.smtp.run import MASTER_CF, POSTFIX_BASE_CF, free_port, tree_cpu  # noqa: E402
 from tests.test_delivery_support import (  # noqa: E402
     DNSServer,
     internet_appliance,
@@ -218,28 +218,14 @@ def run_appliance(tmp: Path, args: argparse.Namespace) -> float:
 
 # -- Postfix ---------------------------------------------------------------------------
 
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {tmp}/spool
-data_directory = {tmp}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.bench.test
-mydomain = bench.test
-mydestination =
-inet_interfaces = all
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+MAIN_CF = (
+    POSTFIX_BASE_CF
+    + """\
 transport_maps = inline:{{ remote.test=smtp:[{sink}]:25 }}
 default_destination_concurrency_limit = 20
 smtp_tls_security_level = {tls}
-alias_maps =
-alias_database =
-biff = no
-maillog_file = {tmp}/maillog
-maillog_file_prefixes = {tmp}
 """
+)
 
 
 def postfix(etc: Path, *command: str) -> subprocess.CompletedProcess[str]:

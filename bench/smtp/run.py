@@ -203,7 +203,8 @@ def run_appliance(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
 
 # ------------------------------------------------------------------ Postfix
 
-MAIN_CF = """\
+#: The main.cf lines of a private Postfix instance in ``{tmp}`` (bench/queue uses them too).
+POSTFIX_BASE_CF = """\
 compatibility_level = 3.6
 queue_directory = {tmp}/spool
 data_directory = {tmp}/data
@@ -216,17 +217,22 @@ inet_interfaces = all
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
-virtual_mailbox_domains = example.test
-virtual_mailbox_base = {tmp}/mail
-virtual_mailbox_maps = inline:{{ {recipient}=example.test/bob/ }}
-virtual_uid_maps = static:{uid}
-virtual_gid_maps = static:{gid}
 alias_maps =
 alias_database =
 biff = no
 maillog_file = {tmp}/maillog
 maillog_file_prefixes = {tmp}
 """
+MAIN_CF = (
+    POSTFIX_BASE_CF
+    + """\
+virtual_mailbox_domains = example.test
+virtual_mailbox_base = {tmp}/mail
+virtual_mailbox_maps = inline:{{ {recipient}=example.test/bob/ }}
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+"""
+)
 
 # Stock services without chroot; smtpd bound to our own address and port.
 MASTER_CF = """\
