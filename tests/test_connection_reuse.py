@@ -485,20 +485,9 @@ class DestinationConcurrency(ReuseTestCase):
             data_path=path,
         )
 
-    @defer.inlineCallbacks
-    def test_at_most_two_connections_to_one_destination(self) -> Any:
-        shared = Counters()
-        slow, slow_port = self.serve(dot_delay=0.3, shared=shared)
-        other, other_port = self.serve(dot_delay=0.3, shared=shared)
-        router = Router(
-            {
-                "slow.test": f"[127.0.0.1]:{slow_port}",
-                "other.test": f"[127.0.0.1]:{other_port}",
-            },
-            None,
-            ["gw.example.test"],
-            ["127.0.0.10"],
-        )
+    def delivery(self, routes: dict[str, str], concurrency: int, per_destination: int) -> Any:
+        """RemoteDelivery over static routes on loopback, closed at the end of the test."""
+        router = Router(routes, None, ["gw.example.test"], ["127.0.0.10"])
         delivery = RemoteDelivery(
             router,
             NoDNS(),
@@ -506,10 +495,25 @@ class DestinationConcurrency(ReuseTestCase):
             reactor,
             lambda address, port: TCP4ClientEndpoint(reactor, address, port),
             random.Random(1),
-            concurrency=10,
-            destination_concurrency=2,
+            concurrency=concurrency,
+            destination_concurrency=per_destination,
         )
         self.addCleanup(delivery.close)
+        return delivery
+
+    @defer.inlineCallbacks
+    def test_at_most_two_connections_to_one_destination(self) -> Any:
+        shared = Counters()
+        slow, slow_port = self.serve(dot_delay=0.3, shared=shared)
+        other, other_port = self.serve(dot_delay=0.3, shared=shared)
+        delivery = self.delivery(
+            {
+                "slow.test": f"[127.0.0.1]:{slow_port}",
+                "other.test": f"[127.0.0.1]:{other_port}",
+            },
+            concurrency=10,
+            per_destination=2,
+        )
 
         done: list[str] = []
 
@@ -547,20 +551,9 @@ class DestinationConcurrency(ReuseTestCase):
     @defer.inlineCallbacks
     def test_overall_concurrency_still_applies(self) -> Any:
         slow, slow_port = self.serve(dot_delay=0.2)
-        router = Router(
-            {"slow.test": f"[127.0.0.1]:{slow_port}"}, None, ["gw.example.test"], ["127.0.0.10"]
+        delivery = self.delivery(
+            {"slow.test": f"[127.0.0.1]:{slow_port}"}, concurrency=1, per_destination=5
         )
-        delivery = RemoteDelivery(
-            router,
-            NoDNS(),
-            self.settings(),
-            reactor,
-            lambda address, port: TCP4ClientEndpoint(reactor, address, port),
-            random.Random(1),
-            concurrency=1,
-            destination_concurrency=5,
-        )
-        self.addCleanup(delivery.close)
         msgs = [self.queued(n, f"s{n}@slow.test") for n in range(3)]
         results = yield defer.gatherResults([delivery(m, m.recipients) for m in msgs])
         self.assertEqual([r[f"s{n}@slow.test"].code for n, r in enumerate(results)], [250] * 3)
