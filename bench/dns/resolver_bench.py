@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, tree_cpu  # noqa: E402
+
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 BIND_ADDRESS = "127.0.0.1"
@@ -56,19 +57,6 @@ CLIENT = "127.0.1.5"  # an inside client: allowed to recurse in the demo configu
 ZONE = "bench.test"
 
 
-def free_port(host: str) -> int:
-    """A port free for both TCP and UDP on ``host``."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def wait_udp(address: str, port: int, name: str, timeout: float = 30.0) -> None:
@@ -311,10 +299,6 @@ def dnsperf(
     return result
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(server: Resolver, queries: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -330,10 +314,10 @@ def measure(server: Resolver, queries: Path, args: argparse.Namespace) -> dict[s
         # Warm: every name once, slowly enough that nothing is lost, so all are cached.
         warm = dnsperf(server, queries, passes=1, clients=1, outstanding=20)
         assert server.process is not None
-        before = cpu_seconds(server.process.pid)
+        before = tree_cpu(server.process.pid)
         result = dnsperf(server, queries, seconds=args.seconds, clients=args.clients,
                          outstanding=args.outstanding)  # fmt: skip
-        used = cpu_seconds(server.process.pid) - before
+        used = tree_cpu(server.process.pid) - before
         result["cpu"] = used
         result["per_cpu"] = result["completed"] / used if used > 0 else 0.0
         result["warm_lost"] = warm["lost"]

@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -38,7 +37,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import zonegen
+
+from bench.common import stop, tree_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -197,14 +199,6 @@ def wait_ready(
     raise RuntimeError(f"no answer on {address}:{port} within {timeout}s; log {log}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 _FIELDS = {
@@ -236,27 +230,6 @@ def dnsperf(
     return result
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds (user + system, reaped children included) of ``root`` and all its descendants."""
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry)
-        children.setdefault(int(fields[1]), []).append(pid)
-        ticks[pid] = sum(int(x) for x in fields[11:15])
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo.extend(children.get(pid, ()))
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def busy_note() -> str:

@@ -31,7 +31,6 @@ import datetime
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +42,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import stop, tree_cpu  # noqa: E402
+
 SERVER_CPU = 0
 CLIENT_CPU = 1
 LOGIN = "bench@bench.test"
@@ -399,37 +402,8 @@ def wait_port(
     raise RuntimeError(f"no POP3 greeting on {address}:{port} within {timeout}s; see {log}")
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds (user + system, reaped children included) of ``root`` and all its descendants."""
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry)
-        children.setdefault(int(fields[1]), []).append(pid)
-        ticks[pid] = sum(int(x) for x in fields[11:15])
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo.extend(children.get(pid, ()))
-    return total / os.sysconf("SC_CLK_TCK")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_session(s: Server, work: Path, maildir: Path, mode: str, window: int) -> dict[str, float]:

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from appliance.control import ControlClient  # noqa: E402
 
 # Same Postfix services as the receive benchmark (its virtual(8) goes unused here).
-from bench.smtp.run import MASTER_CF, POSTFIX_BASE_CF, free_port, tree_cpu  # noqa: E402
+from bench.common import free_port, tree_cpu  # noqa: E402
+from bench.smtp.run import MASTER_CF, POSTFIX_BASE_CF  # noqa: E402
 from tests.test_delivery_support import (  # noqa: E402
     DNSServer,
     internet_appliance,

@@ -32,6 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port, tree_cpu  # noqa: E402
+
 DEMO = ROOT / "etc" / "demo"
 APPLIANCE_ADDRESS = "127.0.0.10"
 POSTFIX_ADDRESS = "127.0.0.30"
@@ -40,10 +44,6 @@ RECIPIENT = "bob@example.test"
 SENDER = "sender@remote.test"
 
 
-def free_port(address: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        return int(probe.getsockname()[1])
 
 
 def count_new(new: Path) -> int:
@@ -54,28 +54,8 @@ def count_new(new: Path) -> int:
         return 0
 
 
-def children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                fields = Path(entry.path, "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            tree.setdefault(int(fields[1]), []).append(int(entry.name))
-    return tree
 
 
-def tree_cpu(pid: int, tree: dict[int, list[int]] | None = None) -> float:
-    """CPU seconds of a process, its reaped children and its live descendants."""
-    tree = children() if tree is None else tree
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    own = ticks / os.sysconf("SC_CLK_TCK")
-    return own + sum(tree_cpu(child, tree) for child in tree.get(pid, []))
 
 
 def drive(

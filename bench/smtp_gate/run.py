@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import shutil
 import smtplib
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import tree_cpu  # noqa: E402
 from tests.harness import ApplianceProcess  # noqa: E402
 from tests.test_gate_acceptance_support import (  # noqa: E402
     ACCESS_MAP,
@@ -73,10 +73,6 @@ def client(args: tuple[int, int, int, int, int]) -> int:
     return accepted
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(config: Path, port: int, pid: int, args: argparse.Namespace) -> tuple[float, float]:
@@ -87,9 +83,9 @@ def run_once(config: Path, port: int, pid: int, args: argparse.Namespace) -> tup
     with multiprocessing.Pool(args.sessions) as pool:
         # Warm the caches (resolver, greylist, Python) with one message per client first.
         pool.map(client, [(i, port, 1, 1, args.size) for i in range(args.sessions)])
-        started, cpu = time.monotonic(), cpu_seconds(pid)
+        started, cpu = time.monotonic(), tree_cpu(pid)
         accepted = sum(pool.map(client, jobs))
-        elapsed, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu
+        elapsed, cpu = time.monotonic() - started, tree_cpu(pid) - cpu
     if accepted != args.messages:
         raise SystemExit(f"only {accepted} of {args.messages} messages accepted; see {config}")
     return args.messages / elapsed, args.messages / max(cpu, 1e-9)
