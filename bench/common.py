@@ -1,4 +1,4 @@
-"""What every benchmark script needs: free loopback ports, server CPU time, stopping a server.
+"""What every benchmark script needs: free loopback ports (the tests' own), server CPU time, stopping a server.
 
 Imported as ``bench.common`` (each script puts the repository root on
 ``sys.path`` first, since it runs as ``python bench/<name>/run.py``).
@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 
+from tests.harness import free_port
 
-def free_port(address: str) -> int:
-    """A port free for both TCP and UDP on ``address``."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((address, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((address, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError(f"no free port on {address}")
+__all__ = ["free_port", "stop", "tree_cpu"]
 
 
 def tree_cpu(root: int) -> float:

@@ -1,4 +1,4 @@
-"""Run the real ``twistd appliance`` process on loopback for integration tests."""
+"""Run the real ``twistd appliance`` process on loopback for integration tests; shared test helpers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,41 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "etc" / "demo"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both TCP and UDP on ``host`` (best effort: nothing holds it afterwards)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError(f"no free port on {host}")
+
+
+def async_test(
+    f: Callable[[Any], Coroutine[Any, Any, None]],
+) -> Callable[[Any], defer.Deferred[None]]:
+    """A trial test method written as a coroutine."""
+
+    def run(self: Any) -> defer.Deferred[None]:
+        return defer.ensureDeferred(f(self))
+
+    run.__name__ = f.__name__
+    return run
 
 
 def demo_copy(tmp_path: Path) -> Path:

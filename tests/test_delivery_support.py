@@ -37,8 +37,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from tests.harness import ApplianceProcess, demo_copy
-from tests.test_dns_bind_support import free_port, shift_ports
+from tests.harness import ApplianceProcess, demo_copy, free_port
+from tests.test_dns_bind_support import shift_ports
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 APPLIANCE = Path(sys.executable).parent / "appliance"

@@ -33,6 +33,7 @@ from appliance.mail.aliases import AliasTable
 from appliance.mail.local import LocalRecipients
 from appliance.mail.smtp import SMTPServer, SMTPServerFactory
 from appliance.tls import make_self_signed
+from tests.harness import free_port
 from tests.test_smtp_support import HOSTNAME, FakeStore, make_policy
 
 pytestmark = pytest.mark.integration
@@ -121,10 +122,6 @@ mail: dup@example.test
 """
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:

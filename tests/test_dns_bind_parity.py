@@ -32,8 +32,8 @@ import pytest
 
 from appliance.dns import names, rdata
 from appliance.dns.zone import Zone, load_zone
-from tests.harness import ApplianceProcess, demo_copy
-from tests.test_dns_bind_support import Named, bind_available, free_port, shift_ports
+from tests.harness import ApplianceProcess, demo_copy, free_port
+from tests.test_dns_bind_support import Named, bind_available, shift_ports
 
 pytestmark = [
     pytest.mark.integration,

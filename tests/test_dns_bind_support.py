@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,8 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
+
+from tests.harness import free_port
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 
@@ -29,19 +30,6 @@ def bind_available() -> str | None:
     return None
 
 
-def free_port(host: str) -> int:
-    """A port free for both TCP and UDP on ``host`` (best effort: nothing holds it afterwards)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def shift_ports(config: Path, ports: dict[str, int]) -> None:

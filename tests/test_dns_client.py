@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet import defer
@@ -12,6 +11,7 @@ from twisted.trial import unittest
 from appliance.dns import wire
 from appliance.dns.client import DNSClient, DNSTimeoutError, DNSTransportError
 from appliance.dns.wire import Message
+from tests.harness import async_test
 from tests.test_dns_resolver_fakes import (
     FakeUpstream,
     R,
@@ -25,14 +25,6 @@ from tests.test_dns_resolver_fakes import (
 ZONE = make_zone("example.test", rr_a("www.example.test", "192.0.2.80"))
 
 
-def async_test(
-    f: Callable[[Any], Coroutine[Any, Any, None]],
-) -> Callable[[Any], defer.Deferred[None]]:
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(f(self))
-
-    run.__name__ = f.__name__
-    return run
 
 
 class ClientTests(unittest.TestCase):

@@ -11,7 +11,7 @@ its query, so nothing depends on wall-clock timing.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from appliance.dns.client import DNSClient
 from appliance.dns.resolver import Resolver, load_root_hints
 from appliance.dns.rr import LookupResult, RCode
 from appliance.dns.wire import Message
+from tests.harness import async_test
 from tests.test_dns_resolver_fakes import (
     FakeUpstream,
     R,
@@ -181,14 +182,6 @@ class RecordingClient:
         return self.inner.query(server, qname, qtype, qclass, rd=rd, timeout=timeout)
 
 
-def async_test(
-    f: Callable[[Any], Coroutine[Any, Any, None]],
-) -> Callable[[Any], defer.Deferred[None]]:
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(f(self))
-
-    run.__name__ = f.__name__
-    return run
 
 
 def addresses(result: LookupResult) -> list[str]:

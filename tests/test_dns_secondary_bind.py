@@ -24,13 +24,12 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.harness import ApplianceProcess
+from tests.harness import ApplianceProcess, free_port
 from tests.test_dns_bind_support import (
     Named,
     Setup,
     bind_available,
     demo_on_free_ports,
-    free_port,
     soa_serial,
 )
 

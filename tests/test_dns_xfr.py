@@ -7,8 +7,7 @@ going silent; timeouts run on a task.Clock.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -25,6 +24,7 @@ from appliance.dns.view import View
 from appliance.dns.wire import Message, Question, encode, error_response, make_response
 from appliance.dns.xfr import XfrClient, XfrError
 from appliance.dns.zone import Zone
+from tests.harness import async_test, free_port
 
 R: Any = _reactor
 
@@ -55,28 +55,8 @@ def make_zone(serial: int, *extra: RR) -> Zone:
     return Zone(ORIGIN, [soa(serial), ns, a("ns.example.test.", 1), *extra])
 
 
-def async_test(
-    f: Callable[[Any], Coroutine[Any, Any, None]],
-) -> Callable[[Any], defer.Deferred[None]]:
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(f(self))
-
-    run.__name__ = f.__name__
-    return run
 
 
-def common_port(host: str) -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 class Master:
@@ -95,7 +75,7 @@ class Master:
         return self.responder(query, client, transport, local)
 
     def start(self) -> None:
-        port = common_port(MASTER_HOST)
+        port = free_port(MASTER_HOST)
         self.ports.append(listen_tcp(R, R, port, self, interface=MASTER_HOST))
         self.ports.append(listen_udp(R, port, self, interface=MASTER_HOST))
         self.address = (MASTER_HOST, port)
@@ -273,7 +253,7 @@ class TransferTests(unittest.TestCase):
 
     @async_test
     async def test_connection_refused_fails(self) -> None:
-        port = common_port(MASTER_HOST)
+        port = free_port(MASTER_HOST)
         with self.assertRaises(XfrError):
             await self.client.transfer((MASTER_HOST, port), ORIGIN)
 

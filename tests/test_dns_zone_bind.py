@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from appliance.dns import names, rdata, zonefile
 from appliance.dns.rr import RR, canonical
 from appliance.dns.zone import Zone, ZoneSet, load_zone
 from tests import test_dns_zone_ferret as ferret
+from tests.harness import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -196,11 +196,6 @@ c20.extra.test. TXT
 """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 _LABELS = ["a", "b", "c", "*", "w", "x", "ns", "sub", "d"]
@@ -281,7 +276,7 @@ def named(named_work: Path) -> Iterator[int]:
         pytest.skip("named (bind9) not installed")
     work = named_work
     (work / "extra.zone").write_text(EXTRA)
-    port = _free_port()
+    port = free_port()
     zones = "".join(
         f'zone "{origin}" {{ type primary; file "{ZONES / f}"; }};\n' for origin, f in SERVED
     )

@@ -10,7 +10,6 @@ versus SERVFAIL/REFUSED.  Skipped when ``named`` is not installed.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from appliance.mail.gate import (
     explain,
 )
 from appliance.mail.gate.spf import SPFEvaluator, SPFResult
+from tests.harness import free_port
 from tests.test_gate_support import LogCapture, new_clock, result_of
 
 pytestmark = pytest.mark.integration
@@ -73,11 +73,6 @@ nodata        A   192.0.2.1
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((ADDRESS, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +80,7 @@ def named(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     if NAMED is None:
         pytest.skip("named (bind9) not installed")
     work = tmp_path_factory.mktemp("gate-named")
-    port = _free_port()
+    port = free_port(ADDRESS)
     zones = ""
     for origin, body in ZONES.items():
         (work / f"{origin}.zone").write_text("$TTL 60\n" + SOA.format(z=origin) + body)

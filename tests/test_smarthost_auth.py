@@ -24,6 +24,7 @@ from appliance import config
 from appliance.control import ControlClient
 from appliance.mail.queue import DEFERRED
 from appliance.mail.smtp_client import Credentials, OutboundSettings
+from tests.harness import free_port
 from tests.test_config import MINIMAL, write
 from tests.test_delivery_support import (
     DNSServer,
@@ -33,7 +34,6 @@ from tests.test_delivery_support import (
     tool,
     wait_until,
 )
-from tests.test_dns_bind_support import free_port
 from tests.test_smtp_client import Peer
 
 LOGIN = Credentials("alice@example.test", "s3cret pass phrase")

@@ -35,6 +35,7 @@ from appliance.mail.smtp_client import (
     deliver,
 )
 from appliance.tls import make_self_signed
+from tests.harness import free_port
 from tests.test_mail_mx import FakeResolver
 
 SMTP_SINK = shutil.which("smtp-sink") or (
@@ -508,10 +509,6 @@ def dotted_message(size: int = 5 * 1024 * 1024) -> bytes:
     return bytes(out) + b"last line\r\n"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.integration
