@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from dnsperf_run import run_dnsperf  # noqa: E402
+
 from bench.common import free_port, tree_cpu  # noqa: E402
 
 SERVER_CPU = "0"
@@ -55,8 +56,6 @@ UNBOUND_ADDRESS = "127.0.0.30"
 TWISTED_ADDRESS = "127.0.0.31"
 CLIENT = "127.0.1.5"  # an inside client: allowed to recurse in the demo configuration
 ZONE = "bench.test"
-
-
 
 
 def wait_udp(address: str, port: int, name: str, timeout: float = 30.0) -> None:
@@ -266,14 +265,6 @@ def serve_twisted(address: str, port: int, upstream: str, upstream_port: int) ->
 
 # --------------------------------------------------------------------------- measuring
 
-_FIELDS = {
-    "qps": r"Queries per second:\s+([\d.]+)",
-    "sent": r"Queries sent:\s+(\d+)",
-    "completed": r"Queries completed:\s+(\d+)",
-    "lost": r"Queries lost:\s+(\d+)",
-    "latency_ms": r"Average Latency \(s\):\s+([\d.]+)",
-}
-
 
 def dnsperf(
     server: Resolver, queries: Path, *, seconds: float = 0, passes: int = 0, clients: int = 4,
@@ -286,19 +277,7 @@ def dnsperf(
         argv += ["-l", str(seconds)]
     if passes:
         argv += ["-n", str(passes)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=(seconds or 60) + 60).stdout
-    result: dict[str, Any] = {}
-    for key, pattern in _FIELDS.items():
-        m = re.search(pattern, out)
-        if m is None:
-            raise RuntimeError(f"dnsperf output without {key}:\n{out}")
-        result[key] = float(m.group(1))
-    result["latency_ms"] *= 1000
-    rcodes = re.search(r"Response codes:\s+(.*)", out)
-    result["rcodes"] = rcodes.group(1) if rcodes else ""
-    return result
-
-
+    return run_dnsperf(argv, (seconds or 60) + 60)
 
 
 def measure(server: Resolver, queries: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import shutil
 import socket
 import struct
@@ -39,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import zonegen
+from dnsperf_run import run_dnsperf
 
 from bench.common import stop, tree_cpu
 
@@ -199,17 +199,6 @@ def wait_ready(
     raise RuntimeError(f"no answer on {address}:{port} within {timeout}s; log {log}")
 
 
-
-
-_FIELDS = {
-    "qps": r"Queries per second:\s+([\d.]+)",
-    "sent": r"Queries sent:\s+(\d+)",
-    "completed": r"Queries completed:\s+(\d+)",
-    "lost": r"Queries lost:\s+(\d+)",
-    "latency_ms": r"Average Latency \(s\):\s+([\d.]+)",
-}
-
-
 def dnsperf(
     address: str, port: int, queries: Path, seconds: float, clients: int, outstanding: int
 ) -> dict[str, Any]:
@@ -217,19 +206,7 @@ def dnsperf(
         "taskset", "-c", CLIENT_CPU, "dnsperf", "-s", address, "-p", str(port), "-d", str(queries),
         "-l", str(seconds), "-c", str(clients), "-q", str(outstanding), "-t", "1",
     ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
-    result: dict[str, Any] = {}
-    for key, pattern in _FIELDS.items():
-        m = re.search(pattern, out)
-        if m is None:
-            raise RuntimeError(f"dnsperf output without {key}:\n{out}")
-        result[key] = float(m.group(1))
-    result["latency_ms"] *= 1000
-    rcodes = re.search(r"Response codes:\s+(.*)", out)
-    result["rcodes"] = rcodes.group(1) if rcodes else ""
-    return result
-
-
+    return run_dnsperf(argv, seconds + 60)
 
 
 def busy_note() -> str:
