@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,11 @@ controls {{ }};
         )
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, prefix: Sequence[str] = ()) -> None:
+        """Start named (behind ``prefix``, e.g. ``taskset -c 1``) and wait until it runs."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [NAMED, "-g", "-n", "1", "-c", str(self.conf)],
+                [*prefix, NAMED, "-g", "-n", "1", "-c", str(self.conf)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=str(self.directory),

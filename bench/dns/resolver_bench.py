@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from dnsperf_run import run_dnsperf  # noqa: E402
 
 from bench.common import free_port, tree_cpu  # noqa: E402
+from tests.test_dns_bind_support import Named  # noqa: E402
 
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
@@ -92,37 +93,14 @@ def zone_text(count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_bind(directory: Path, port: int, count: int) -> subprocess.Popen[bytes]:
-    (directory / f"{ZONE}.zone").write_text(zone_text(count))
-    (directory / "named.conf").write_text(
-        f"""
-options {{
-    directory "{directory}";
-    pid-file "{directory}/named.pid";
-    session-keyfile "{directory}/session.key";
-    managed-keys-directory "{directory}";
-    listen-on port {port} {{ {BIND_ADDRESS}; }};
-    listen-on-v6 {{ none; }};
-    recursion no;
-    dnssec-validation no;
-    notify no;
-}};
-controls {{ }};
-zone "{ZONE}" {{ type primary; file "{ZONE}.zone"; }};
-"""
+def start_bind(directory: Path, port: int, count: int) -> Named:
+    """BIND as the authoritative upstream, pinned to the client's CPU."""
+    named = Named(
+        directory, BIND_ADDRESS, port, f'zone "{ZONE}" {{ type primary; file "{ZONE}.zone"; }};'
     )
-    log = (directory / "named.log").open("wb")
-    process = subprocess.Popen(
-        ["taskset", "-c", CLIENT_CPU, shutil.which("named") or "/usr/sbin/named",
-         "-g", "-n", "1", "-c", str(directory / "named.conf")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(directory),
-    )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while b" running\n" not in (directory / "named.log").read_bytes():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError((directory / "named.log").read_text())
-        time.sleep(0.05)
-    return process
+    (directory / f"{ZONE}.zone").write_text(zone_text(count))
+    named.start(prefix=["taskset", "-c", CLIENT_CPU])
+    return named
 
 
 # --------------------------------------------------------------------------- the resolvers
@@ -348,8 +326,7 @@ def main() -> None:
                         flush=True,
                     )
         finally:
-            bind.send_signal(signal.SIGTERM)
-            bind.wait(15)
+            bind.stop()
     print()
     print(f"cache hits, best of {args.rounds} x {args.seconds:g} s, {args.names} names, "
           f"dnsperf -c {args.clients} -q {args.outstanding}, Python {args.python}")  # fmt: skip
