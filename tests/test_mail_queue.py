@@ -33,7 +33,14 @@ from appliance.mail.queue import (
     UnknownMessage,
     parse_envelope_file,
 )
-from tests.test_mail_queue_support import Crash, envelope, failure, kill_points, result
+from tests.test_mail_queue_support import (
+    Crash,
+    check_commit_survives_kills,
+    envelope,
+    failure,
+    kill_points,
+    result,
+)
 
 BODY = b"Received: from x by y; Mon, 1 Jan 2026 00:00:00 +0000\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -238,29 +245,7 @@ def _count_ops(monkeypatch: pytest.MonkeyPatch, action) -> int:  # type: ignore[
 def test_commit_survives_kill_at_every_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    n = _count_ops(monkeypatch, lambda: commit(make_spool(tmp_path / "probe")))
-    assert n >= 5
-    for kill_at in range(1, n + 1):
-        root = tmp_path / f"k{kill_at}"
-        spool = make_spool(root)
-        spool._make_dirs()
-        acknowledged = None
-        with kill_points(monkeypatch, kill_at):
-            try:
-                acknowledged = commit(spool)
-            except Crash:
-                pass
-        after = make_spool(root)
-        queued = after.recover()
-        assert os.listdir(root / "tmp") == []
-        assert not (root / "corrupt").exists()
-        if acknowledged is not None:
-            assert queued == [acknowledged]
-        assert len(queued) <= 1
-        for qid in queued:  # whatever is queued is complete
-            m = after.load(qid)
-            assert m.data_path.read_bytes() == BODY
-            assert m.size == len(BODY)
+    check_commit_survives_kills(tmp_path, monkeypatch, make_spool, commit, BODY)
 
 
 def test_update_survives_kill_at_every_step(

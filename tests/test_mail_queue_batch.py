@@ -17,7 +17,12 @@ from appliance.mail import maildir
 from appliance.mail import queue as queue_module
 from appliance.mail.queue import DATA, DELIVERED, Batched, RecipientState, Spool
 from appliance.mail.runner import parse_trace, read_trace
-from tests.test_mail_queue_support import Crash, envelope, failure, kill_points, result
+from tests.test_mail_queue_support import (
+    check_commit_survives_kills,
+    envelope,
+    failure,
+    result,
+)
 
 BODY = b"Received: from x by y; Mon, 1 Jan 2026 00:00:00 +0000\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -160,27 +165,7 @@ def test_spilled_commit_survives_kill_at_every_step(
             msg.write(BODY[i : i + 10])
         return result(msg.commit(envelope("a@example.test")))
 
-    with kill_points(monkeypatch, None) as kp:
-        commit(make_spool(tmp_path / "probe"))
-    assert kp.count >= 5
-    for kill_at in range(1, kp.count + 1):
-        root = tmp_path / f"k{kill_at}"
-        spool = make_spool(root)
-        spool._make_dirs()
-        acknowledged = None
-        with kill_points(monkeypatch, kill_at):
-            try:
-                acknowledged = commit(spool)
-            except Crash:
-                pass
-        after = make_spool(root)
-        queued = after.recover()
-        assert os.listdir(root / "tmp") == []
-        if acknowledged is not None:
-            assert queued == [acknowledged]
-        assert len(queued) <= 1
-        for qid in queued:
-            assert after.load(qid).data_path.read_bytes() == BODY
+    check_commit_survives_kills(tmp_path, monkeypatch, make_spool, commit, BODY)
 
 
 def test_header_cache_serves_the_runner_once(tmp_path: Path) -> None:

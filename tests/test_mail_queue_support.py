@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -92,3 +93,41 @@ def kill_points(monkeypatch: pytest.MonkeyPatch, kill_at: int | None) -> Iterato
         yield kp
     finally:
         kp.armed = False
+
+
+def check_commit_survives_kills(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_spool: Callable[[Path], Any],
+    commit: Callable[[Any], str],
+    body: bytes,
+) -> None:
+    """SIGKILL ``commit(spool)`` at each of its file-system operations in turn, then recover.
+
+    Whatever recovery finds queued is complete; an acknowledged message is always
+    there; tmp/ is empty and nothing was set aside as corrupt.
+    """
+    with kill_points(monkeypatch, None) as kp:
+        commit(make_spool(tmp_path / "probe"))
+    assert kp.count >= 5
+    for kill_at in range(1, kp.count + 1):
+        root = tmp_path / f"k{kill_at}"
+        spool = make_spool(root)
+        spool._make_dirs()
+        acknowledged = None
+        with kill_points(monkeypatch, kill_at):
+            try:
+                acknowledged = commit(spool)
+            except Crash:
+                pass
+        after = make_spool(root)
+        queued = after.recover()
+        assert os.listdir(root / "tmp") == []
+        assert not (root / "corrupt").exists()
+        if acknowledged is not None:
+            assert queued == [acknowledged]
+        assert len(queued) <= 1
+        for qid in queued:
+            m = after.load(qid)
+            assert m.data_path.read_bytes() == body
+            assert m.size == len(body)
