@@ -30,7 +30,7 @@ from tests.test_mail_local import FakeDirectory
 from tests.test_mail_queue_support import envelope, failure, result
 from tests.test_mail_runner import ALICE, BOB, BODY
 from tests.test_mail_runner import Env as RunnerEnv
-from tests.test_smtp_acceptance_support import INSIDE, LAN_CLIENT, configure, smtp
+from tests.test_smtp_acceptance_support import INSIDE, LAN_CLIENT, configure, fill, smtp
 
 HOST = "mail.example.test"
 ALIASES = "team: alice, bob\nfwd: alice, bob, friend@remote.test\nme: alice\n"
@@ -462,19 +462,6 @@ def full_disks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
     finally:
         for mount in mounted:
             subprocess.run(["umount", str(mount)], check=True)
-
-
-def fill(mount: Path) -> Path:
-    """Write a file until the tmpfs has no space left."""
-    filler = mount / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def attempt(port: int, tag: str) -> tuple[int, bytes]:

@@ -30,6 +30,7 @@ from tests.test_smtp_acceptance_support import (
     LAN_CLIENT,
     OUTSIDE,
     configure,
+    fill,
     maildir,
     messages_in,
     messages_with,
@@ -414,19 +415,6 @@ def small_spool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Demo
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(mount)], capture_output=True)
         subprocess.run(["umount", str(mount)], check=True)
-
-
-def fill(mount: Path) -> Path:
-    """Write a file until the tmpfs has no space left."""
-    filler = mount / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def attempt(demo: Demo, tag: str, size: int = 20_000) -> tuple[int, bytes]:

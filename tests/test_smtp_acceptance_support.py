@@ -108,3 +108,16 @@ def smtp(address: str, port: int, source: str) -> smtplib.SMTP:
     code, _ = session.ehlo("client.remote.test")
     assert code == 250
     return session
+
+
+def fill(mount: Path) -> Path:
+    """Write a file until the tmpfs has no space left."""
+    filler = mount / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
