@@ -9,8 +9,6 @@ SIGKILL.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -29,6 +27,7 @@ from appliance.mail.outbound import BounceWriter
 from appliance.mail.queue import DEFERRED, FAILED, QueuedMessage, RecipientState, Spool
 from appliance.mail.runner import RemoteReply
 from tests.test_config import MINIMAL, write
+from tests.test_mail_dsn import parse, status_groups
 from tests.test_mail_queue_support import envelope, result
 from tests.test_mail_runner import Env
 
@@ -92,18 +91,6 @@ def submit(env: Env, *rcpts: str, sender: str = ALICE, body: bytes = ORIGINAL) -
     incoming = env.spool.begin()
     incoming.write(body)
     return result(incoming.commit(envelope(*rcpts, sender=sender, at=env.clock.seconds())))
-
-
-def parse(raw: bytes) -> Message:
-    return email.message_from_bytes(raw, policy=email.policy.compat32)
-
-
-def status_groups(report: Message) -> list[Message]:
-    part = report.get_payload()[1]
-    assert part.get_content_type() == "message/delivery-status"
-    groups = part.get_payload()
-    assert isinstance(groups, list)
-    return groups
 
 
 def reports(env: Env, subject: str = "") -> list[Message]:
